@@ -1,0 +1,193 @@
+"""Settings: frozen dataclasses read from TOML; unknown keys are errors.
+
+Every setting has a default, so an empty file (or none) is a working config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: str = "0.0.0.0:8080"
+    max_body_bytes: int = 8 * MiB
+    # Seconds a SIGTERM waits for in-flight requests and the queue to drain.
+    shutdown_timeout_secs: float = 25.0
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    data_dir: str = "data"
+    # "always": write and fsync before answering OK (survives power loss).
+    # "never": answer once written to the OS (survives a daemon crash only).
+    fsync: Literal["always", "never"] = "always"
+    rotate_period: Literal["day", "hour"] = "day"
+    max_file_bytes: int = 64 * MiB
+    max_open_files: int = 1024
+    queue_max_records: int = 10_000
+    # How long a request waits for room in a full queue before it gets 503.
+    enqueue_timeout_secs: float = 2.0
+    batch_max_records: int = 4096
+    writer_threads: int = 4
+    # A resend of a block already stored is answered OK and stored nothing
+    # when it is among the device's last N blocks and younger than this.
+    dedup_window_blocks: int = 1000
+    dedup_window_secs: float = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class WattmonConfig:
+    # /export-script.php lets a fleet pointed at the PHP sample move by
+    # changing only the host.
+    paths: tuple[str, ...] = ("/wattmon", "/export-script.php")
+    require_md5: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JsonConfig:
+    # Any POST to a path that is not a Wattmon path is a JSON document.
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["plain", "json"] = "plain"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    wattmon: WattmonConfig = field(default_factory=WattmonConfig)
+    json: JsonConfig = field(default_factory=JsonConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.storage.data_dir)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:8080`) to a host and a port number."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"server.listen: expected HOST:PORT, got {value!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate a TOML file; None gives the embedded defaults."""
+    if path is None:
+        return validate(Config())
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return validate(_build(Config, raw, ""))
+
+
+def with_overrides(config: Config, *, listen: str | None, data_dir: str | None) -> Config:
+    """Apply command-line flags, which win over the file."""
+    if listen is not None:
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, listen=listen)
+        )
+    if data_dir is not None:
+        config = dataclasses.replace(
+            config, storage=dataclasses.replace(config.storage, data_dir=data_dir)
+        )
+    return validate(config)
+
+
+def validate(config: Config) -> Config:
+    parse_listen(config.server.listen)
+    _positive("server.max_body_bytes", config.server.max_body_bytes)
+    _positive("server.shutdown_timeout_secs", config.server.shutdown_timeout_secs)
+    st = config.storage
+    if not st.data_dir:
+        raise ConfigError("storage.data_dir: must not be empty")
+    for name in (
+        "max_file_bytes",
+        "max_open_files",
+        "queue_max_records",
+        "enqueue_timeout_secs",
+        "batch_max_records",
+        "writer_threads",
+        "dedup_window_blocks",
+        "dedup_window_secs",
+    ):
+        _positive(f"storage.{name}", getattr(st, name))
+    for path in config.wattmon.paths:
+        if not path.startswith("/") or path in ("/healthz",):
+            raise ConfigError(f"wattmon.paths: {path!r} must start with / and not be /healthz")
+    return config
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}: must be greater than 0, got {value}")
+
+
+def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
+    """Turn a TOML table into `cls`, checking every key and type."""
+    where = prefix or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {prefix}{unknown[0]!s}")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _convert(hints[name], value, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{name}.")
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            options = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{name}: must be one of {options}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of strings")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{name}: unsupported setting type")  # pragma: no cover
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {type(value).__name__}")
+    return value

@@ -1,0 +1,150 @@
+"""The bounded queue between request handlers and the writer.
+
+A handler submits a record and awaits its future; the writer task takes
+everything queued (group commit), stores it with one sink call, and resolves
+the futures. The device's `OK` is that future's result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ingestd.errors import IngestError, QueueFull, ShuttingDown, StorageFailed
+from ingestd.records import Outcome, Quarantined, Record
+
+log = logging.getLogger("ingestd.pipeline")
+
+Item = Record | Quarantined
+Commit = Callable[[list[Item]], Awaitable[list[Outcome | IngestError]]]
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    batches: int = 0
+    records_stored: int = 0
+    rows_stored: int = 0
+    bytes_stored: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    storage_errors: int = 0
+    last_batch_size: int = 0
+    storage_ok: bool = True
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        commit: Commit,
+        *,
+        max_records: int,
+        enqueue_timeout_secs: float,
+        batch_max_records: int,
+    ) -> None:
+        self._commit = commit
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Outcome]] | None] = (
+            asyncio.Queue(max_records)
+        )
+        self._enqueue_timeout = enqueue_timeout_secs
+        self._batch_max = batch_max_records
+        self._closing = False
+        self._writer: asyncio.Task[None] | None = None
+        self.stats = PipelineStats()
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closing
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._run(), name="ingestd-writer")
+        self._writer.add_done_callback(self._writer_done)
+
+    async def submit(self, item: Item) -> Outcome:
+        """Queue `item` and wait until it is stored (or refused)."""
+        if self._closing:
+            raise ShuttingDown("shutting down; retry later")
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        entry = (item, future)
+        try:
+            self._queue.put_nowait(entry)
+        except asyncio.QueueFull:
+            try:
+                await asyncio.wait_for(self._queue.put(entry), self._enqueue_timeout)
+            except TimeoutError:
+                raise QueueFull("queue full; retry later") from None
+        return await future
+
+    async def close(self) -> None:
+        """Store everything queued, then stop the writer. Idempotent."""
+        self._closing = True
+        if self._writer is None or self._writer.done():
+            return
+        await self._queue.put(None)  # the writer stops when it reaches this
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+
+    async def _run(self) -> None:
+        while True:
+            entry = await self._queue.get()
+            batch = []
+            stop = entry is None
+            if entry is not None:
+                batch.append(entry)
+            while not stop and len(batch) < self._batch_max and not self._queue.empty():
+                entry = self._queue.get_nowait()
+                if entry is None:
+                    stop = True
+                else:
+                    batch.append(entry)
+            if batch:
+                await self._store(batch)
+            if stop:
+                return
+
+    async def _store(self, batch: list[tuple[Item, asyncio.Future[Outcome]]]) -> None:
+        try:
+            results = await self._commit([item for item, _ in batch])
+        except Exception as exc:  # a bug in the sink must not hang the devices
+            log.exception("commit_crashed records=%d", len(batch))
+            results = [StorageFailed(f"storage failed ({type(exc).__name__})")] * len(batch)
+        stats = self.stats
+        stats.batches += 1
+        stats.last_batch_size = len(batch)
+        failed = False
+        for (item, future), result in zip(batch, results, strict=True):
+            if isinstance(result, IngestError):
+                failed = True
+                stats.storage_errors += 1
+                if not future.done():
+                    future.set_exception(result)
+                continue
+            if result is Outcome.STORED and isinstance(item, Record):
+                stats.records_stored += 1
+                stats.rows_stored += item.count
+                stats.bytes_stored += len(item.payload)
+            elif result is Outcome.DUPLICATE:
+                stats.duplicates += 1
+            elif result is Outcome.QUARANTINED:
+                stats.quarantined += 1
+            if not future.done():
+                future.set_result(result)
+        stats.storage_ok = not failed
+
+    def _writer_done(self, task: asyncio.Task[None]) -> None:
+        """If the writer dies, fail every waiting request instead of hanging it."""
+        self._closing = True
+        if not task.cancelled() and task.exception() is not None:
+            log.error("writer_died error=%r", task.exception())
+        while not self._queue.empty():
+            entry = self._queue.get_nowait()
+            if entry is not None and not entry[1].done():
+                entry[1].set_exception(ShuttingDown("writer stopped; retry later"))

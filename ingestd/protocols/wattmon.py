@@ -1,0 +1,90 @@
+"""Wattmon custom data export: a form with `key` (MAC), `md5sum` and `data` (CSV).
+
+The device resends the same block until it reads exactly `OK`, so every
+answer other than `OK` must mean "nothing of this block was stored".
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import re
+
+from ingestd.errors import BadDeviceKey, MalformedBlock, Md5Mismatch, MissingMd5
+from ingestd.protocols.forms import parse_form
+from ingestd.records import Quarantined, Record
+
+PROTOCOL = "wattmon"
+FIELDS = frozenset({"key", "md5sum", "data"})
+
+_MAC = re.compile(rb"[0-9A-Fa-f]{12}|[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}")
+
+
+def normalise_mac(raw: bytes) -> str:
+    """`00:1A:2b-..` forms to 12 lowercase hex digits, or BadDeviceKey."""
+    if not _MAC.fullmatch(raw):
+        raise BadDeviceKey("key is not a MAC address (12 hex digits)")
+    return raw.decode("ascii").replace(":", "").replace("-", "").lower()
+
+
+def parse(
+    body: bytes, content_type: str, *, received_at: float, require_md5: bool
+) -> Record | Quarantined | None:
+    """One POST to a block to store, a block to quarantine, or None (no data)."""
+    fields = parse_form(body, content_type, FIELDS)
+    if "key" not in fields:
+        raise BadDeviceKey("key missing")
+    mac = normalise_mac(fields["key"].strip())
+    data = fields.get("data", b"")
+    md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    given = fields.get("md5sum", b"").strip()
+    if given:
+        if not hmac.compare_digest(given.lower(), md5.encode()):
+            raise Md5Mismatch()
+    elif require_md5:
+        raise MissingMd5("md5sum missing")
+    if not data:
+        return None  # what the sample receiver does: OK, nothing stored
+    try:
+        header, rows, count = split_block(data)
+    except MalformedBlock as exc:
+        return Quarantined(PROTOCOL, mac, received_at, data, exc.reason, md5)
+    if not count:
+        return None
+    return Record(PROTOCOL, mac, received_at, rows, header=header, dedup_key=md5, count=count)
+
+
+def split_block(data: bytes) -> tuple[bytes, bytes, int]:
+    """CSV block to (header line, row lines, row count), line endings as `\\n`.
+
+    Rows are kept byte for byte; the csv module only checks that every row
+    has as many columns as the header. Blank lines are dropped.
+    """
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBlock(f"not UTF-8 at byte {exc.start}") from exc
+    if "\x00" in text:
+        raise MalformedBlock("NUL byte in block")
+    lines = [line for line in text.split("\n") if line]
+    if not lines:
+        return b"", b"", 0
+    try:
+        parsed = list(csv.reader(lines, strict=True))
+    except csv.Error as exc:
+        raise MalformedBlock(f"not CSV: {exc}") from exc
+    if len(parsed) != len(lines):
+        raise MalformedBlock("a quoted field spans lines")
+    header = parsed[0]
+    if not header or header[0][:1].isdigit():
+        raise MalformedBlock("no header row (first line starts with a value)")
+    width = len(header)
+    for number, row in enumerate(parsed[1:], start=2):
+        if len(row) != width:
+            raise MalformedBlock(f"line {number} has {len(row)} columns, header has {width}")
+    header_line = (lines[0] + "\n").encode()
+    rows = "".join(line + "\n" for line in lines[1:]).encode()
+    return header_line, rows, len(lines) - 1

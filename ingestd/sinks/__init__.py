@@ -1,0 +1,1 @@
+"""Where acknowledged records go."""

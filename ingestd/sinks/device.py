@@ -1,0 +1,251 @@
+"""One device's folder: its current file, the open handle, its recent keys.
+
+All methods block; only the writer thread calls them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ingestd.records import Record
+from ingestd.sinks.dedup import DedupWindow, key_bytes
+from ingestd.sinks.rotation import FileName, OpenFile, next_file, parse_file_name, period_of
+from ingestd.sinks.wal import write_all
+
+KEYS_NAME = ".ingestd-keys"
+_KEY_LINE_BYTES = 48  # "32 hex digits, space, seconds.millis\n", rounded up
+FILE_MODE = 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    rotate_period: str
+    max_file_bytes: int
+    dedup_window_blocks: int
+    dedup_window_secs: float
+
+
+@dataclass(slots=True)
+class PlannedWrite:
+    file: FileName
+    offset: int
+    data: bytes
+    key: str | None
+    received_at: float
+
+
+class DeviceFiles:
+    def __init__(self, folder: Path, ext: str, settings: Settings) -> None:
+        self.folder = folder
+        self.ext = ext
+        self.settings = settings
+        self.current: OpenFile | None = None
+        self.window = DedupWindow(settings.dedup_window_blocks, settings.dedup_window_secs)
+        self.dirty = False
+        self._created_file = False  # the folder's entries need an fsync too
+        self.rotated: list[Path] = []  # closed files, for compression
+        self._fd: int | None = None
+        self._fd_name: FileName | None = None
+        self._keys_fd: int | None = None
+
+    # -- loading -------------------------------------------------------------
+
+    @classmethod
+    def load(cls, folder: Path, ext: str, settings: Settings) -> DeviceFiles:
+        """Read the folder's state: newest file, its header and size, recent keys."""
+        folder.mkdir(parents=True, exist_ok=True)
+        device = cls(folder, ext, settings)
+        names = [parse_file_name(n) for n in os.listdir(folder)]
+        ours = [n for n in names if n is not None and n.ext == ext]
+        if ours:
+            newest = max(ours, key=lambda n: (n.period, n.seq))
+            path = folder / newest.name
+            size = path.stat().st_size
+            header = b""
+            if ext == "csv" and size:
+                with open(path, "rb") as fh:
+                    header = fh.readline()
+            device.current = OpenFile(newest, size, header)
+        device._load_keys()
+        return device
+
+    def _load_keys(self) -> None:
+        path = self.folder / KEYS_NAME
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                keep = self.settings.dedup_window_blocks * _KEY_LINE_BYTES
+                fh.seek(max(size - keep, 0))
+                tail = fh.read()
+        except FileNotFoundError:
+            return
+        lines = tail.split(b"\n")
+        if size > keep:
+            lines = lines[1:]  # the first may be cut
+        for line in lines:
+            key, _, ts = line.partition(b" ")
+            try:
+                self.window.add(bytes.fromhex(key.decode()), float(ts))
+            except ValueError:
+                continue  # a torn last line: that block was never acknowledged
+        if size > 4 * keep:
+            self._compact_keys(tail)
+
+    def _compact_keys(self, tail: bytes) -> None:
+        """Keep only the window's worth of keys; atomic replace."""
+        tmp = self.folder / (KEYS_NAME + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(tail[tail.index(b"\n") + 1 :])
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.folder / KEYS_NAME)
+
+    # -- planning (in memory) --------------------------------------------------
+
+    def is_duplicate(self, record: Record) -> bool:
+        key = record.dedup_key
+        return key is not None and self.window.seen(key_bytes(key), record.received_at)
+
+    def plan(self, record: Record) -> PlannedWrite:
+        """Decide where `record` goes and advance the in-memory state to match.
+
+        If applying the plan fails, the caller drops this object and loads the
+        folder again: the disk, rolled back, is the truth.
+        """
+        period = period_of(record.received_at, self.settings.rotate_period)  # type: ignore[arg-type]
+        target = next_file(
+            self.current,
+            record_period=period,
+            header=record.header,
+            add_bytes=len(record.payload),
+            max_file_bytes=self.settings.max_file_bytes,
+            ext=self.ext,
+        )
+        if target is not None:
+            target = self._unused(target)
+            self.current = OpenFile(target, 0, record.header)
+        current = self.current
+        assert current is not None
+        data = record.payload
+        header = current.header
+        if current.size == 0 and record.header:
+            data = record.header + data
+            header = record.header
+        self.current = OpenFile(current.name, current.size + len(data), header)
+        if record.dedup_key is not None:
+            self.window.add(key_bytes(record.dedup_key), record.received_at)
+        return PlannedWrite(
+            current.name, current.size, data, record.dedup_key, record.received_at
+        )
+
+    def _unused(self, name: FileName) -> FileName:
+        """Never append to a file that exists already (it was rotated away from)."""
+        while (self.folder / name.name).exists() or (self.folder / (name.name + ".gz")).exists():
+            name = FileName(name.period, name.seq + 1, name.ext)
+        return name
+
+    # -- applying (disk) -------------------------------------------------------
+
+    def intact(self) -> bool:
+        """False when the open file was moved or deleted under us (logrotate)."""
+        if self._fd is None or self._fd_name is None:
+            return self.folder.is_dir()
+        try:
+            on_disk = os.stat(self.folder / self._fd_name.name)
+        except FileNotFoundError:
+            return False
+        return on_disk.st_ino == os.fstat(self._fd).st_ino
+
+    def apply(self, writes: list[PlannedWrite]) -> None:
+        """Append the planned bytes; on error leave no partial bytes and raise."""
+        done: list[tuple[FileName, int]] = []
+        try:
+            start = 0
+            while start < len(writes):
+                end = start
+                while end < len(writes) and writes[end].file == writes[start].file:
+                    end += 1
+                first = writes[start]
+                fd = self._open(first.file)
+                done.append((first.file, first.offset))
+                if os.fstat(fd).st_size != first.offset:
+                    raise OSError(f"{first.file.name} changed size under the daemon")
+                write_all(fd, b"".join(w.data for w in writes[start:end]))
+                start = end
+            self._append_keys(writes)
+        except OSError:
+            self._roll_back(done)
+            raise
+        self.dirty = True
+
+    def _open(self, name: FileName) -> int:
+        if self._fd_name == name and self._fd is not None:
+            return self._fd
+        if self._fd is not None and self._fd_name is not None:
+            # Rotation: the old file is complete, so make it durable now.
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self.rotated.append(self.folder / self._fd_name.name)
+            self._fd = None
+        self._fd = os.open(
+            self.folder / name.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE
+        )
+        self._fd_name = name
+        self._created_file = True
+        return self._fd
+
+    def _append_keys(self, writes: list[PlannedWrite]) -> None:
+        lines = "".join(
+            f"{w.key} {w.received_at:.3f}\n" for w in writes if w.key is not None
+        )
+        if not lines:
+            return
+        if self._keys_fd is None:
+            self._keys_fd = os.open(
+                self.folder / KEYS_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+            )
+        write_all(self._keys_fd, lines.encode("ascii"))
+
+    def _roll_back(self, done: list[tuple[FileName, int]]) -> None:
+        for name, offset in done:
+            path = self.folder / name.name
+            with contextlib.suppress(OSError):
+                if offset == 0:
+                    path.unlink()
+                else:
+                    os.truncate(path, offset)
+
+    def sync(self) -> None:
+        if self.dirty:
+            for fd in (self._fd, self._keys_fd):
+                if fd is not None:
+                    os.fsync(fd)
+            if self._created_file:
+                fsync_dir(self.folder)
+                self._created_file = False
+            self.dirty = False
+
+    def close(self) -> None:
+        """Sync and close; safe to call twice, and after a failed write."""
+        try:
+            self.sync()
+        finally:
+            for fd in (self._fd, self._keys_fd):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._fd = self._keys_fd = None
+            self._fd_name = None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's new entries durable (a created file, a rename)."""
+    with contextlib.suppress(FileNotFoundError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,338 @@
+"""The file sink: per-device files under the data directory, group commit.
+
+One writer thread does all disk work, a batch at a time:
+1. plan every record (dedup, rotation, offsets) in memory;
+2. append the whole batch to the write-ahead log and fdatasync it once;
+3. append each device's bytes to its file (no fsync: the log has them);
+4. every `checkpoint_secs`, or when the log grows large, fsync the files
+   written since the last checkpoint and empty the log.
+A record is acknowledged after step 3. After a crash, `recover()` replays
+the log, which restores every acknowledged block at its offset and cuts
+whatever followed it (never acknowledged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ingestd.config import StorageConfig
+from ingestd.errors import IngestError, StorageFailed
+from ingestd.protocols.jsonpost import rfc3339
+from ingestd.records import Outcome, Quarantined, Record
+from ingestd.sinks.device import (
+    FILE_MODE,
+    KEYS_NAME,
+    DeviceFiles,
+    PlannedWrite,
+    Settings,
+    fsync_dir,
+)
+from ingestd.sinks.rotation import parse_file_name
+from ingestd.sinks.wal import Frame, WriteAheadLog, read_frames
+
+log = logging.getLogger("ingestd.storage")
+
+EXTENSIONS = {"wattmon": "csv", "json": "jsonl"}
+_DEVICE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
+CHECKPOINT_SECS = 10.0
+CHECKPOINT_WAL_BYTES = 64 * 1024 * 1024
+
+Result = Outcome | IngestError
+
+
+class FileSink:
+    def __init__(self, data_dir: Path, config: StorageConfig) -> None:
+        self.data_dir = data_dir
+        self._config = config
+        self._settings = Settings(
+            rotate_period=config.rotate_period,
+            max_file_bytes=config.max_file_bytes,
+            dedup_window_blocks=config.dedup_window_blocks,
+            dedup_window_secs=config.dedup_window_secs,
+        )
+        self._sync = config.fsync == "always"
+        self._devices: OrderedDict[tuple[str, str], DeviceFiles] = OrderedDict()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ingestd-writer")
+        self._wal: WriteAheadLog | None = None
+        self._last_checkpoint = time.monotonic()
+        self._new_dirs: set[Path] = set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self._run(self._open_blocking)
+
+    def _open_blocking(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        self._wal = WriteAheadLog(self.data_dir, sync=self._sync)
+
+    async def close(self) -> None:
+        """Sync and close everything; the log ends empty (a clean stop)."""
+        try:
+            await self._run(self._close_blocking)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _close_blocking(self) -> None:
+        if self._wal is None:
+            return
+        self._checkpoint()
+        for device in self._devices.values():
+            device.close()
+        self._devices.clear()
+        self._wal.close()
+        self._wal = None
+
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- the commit --------------------------------------------------------------
+
+    async def commit(self, items: list[Record | Quarantined]) -> list[Result]:
+        """Store a batch; one result per item, in order."""
+        return await self._run(self._commit_blocking, items)
+
+    def _commit_blocking(self, items: list[Record | Quarantined]) -> list[Result]:
+        assert self._wal is not None, "sink is not open"
+        results: list[Result | None] = [None] * len(items)
+        plans: dict[tuple[str, str], list[tuple[int, PlannedWrite]]] = {}
+        # Duplicates answer OK only if their device's writes in this batch
+        # succeed: the copy they duplicate may be in this very batch.
+        duplicates: dict[tuple[str, str], list[int]] = {}
+        for i, item in enumerate(items):
+            if isinstance(item, Quarantined):
+                results[i] = self._quarantine(item)
+                continue
+            ident = (item.protocol, item.device_id)
+            try:
+                device = self._device(ident)
+            except OSError as exc:
+                results[i] = self._failed(ident, exc)
+                continue
+            if device.is_duplicate(item):
+                duplicates.setdefault(ident, []).append(i)
+            else:
+                plans.setdefault(ident, []).append((i, device.plan(item)))
+
+        outcomes: dict[tuple[str, str], Result] = {}
+        frames = [
+            Frame(self._relpath(ident, w.file.name), w.offset, w.key, w.received_at, w.data)
+            for ident, planned in plans.items()
+            for _, w in planned
+        ]
+        try:
+            if frames:
+                self._wal.append(frames)
+        except OSError as exc:
+            for ident in plans:
+                outcomes[ident] = self._failed(ident, exc)
+        else:
+            for ident, planned in plans.items():
+                writes = [w for _, w in planned]
+                try:
+                    self._devices[ident].apply(writes)
+                    outcomes[ident] = Outcome.STORED
+                except OSError as exc:
+                    outcomes[ident] = self._failed(ident, exc)
+                    self._void(ident, writes)
+
+        for ident, planned in plans.items():
+            for i, _ in planned:
+                results[i] = outcomes[ident]
+        for ident, indexes in duplicates.items():
+            outcome = outcomes.get(ident, Outcome.DUPLICATE)
+            for i in indexes:
+                results[i] = Outcome.DUPLICATE if outcome is Outcome.STORED else outcome
+
+        self._evict(keep=plans.keys() | duplicates.keys())
+        if (
+            time.monotonic() - self._last_checkpoint > CHECKPOINT_SECS
+            or self._wal.size > CHECKPOINT_WAL_BYTES
+        ):
+            self._checkpoint()
+        return [r if r is not None else StorageFailed("internal error") for r in results]
+
+    def _device(self, ident: tuple[str, str]) -> DeviceFiles:
+        device = self._devices.get(ident)
+        if device is not None and not device.intact():
+            log.warning("file_moved_away protocol=%s device=%s: starting a new one", *ident)
+            self._drop(ident)
+            device = None
+        if device is None:
+            protocol, device_id = ident
+            folder = self.data_dir / protocol / device_id
+            if not folder.is_dir():
+                self._new_dirs.update((folder.parent, self.data_dir))
+            device = DeviceFiles.load(folder, EXTENSIONS[protocol], self._settings)
+            self._devices[ident] = device
+        self._devices.move_to_end(ident)
+        return device
+
+    def _failed(self, ident: tuple[str, str], exc: OSError) -> StorageFailed:
+        log.error(
+            "storage_failed protocol=%s device=%s error=%s", ident[0], ident[1],
+            json.dumps(exc.strerror or str(exc)),
+        )
+        self._drop(ident)
+        return StorageFailed(f"storage failed ({exc.strerror or 'I/O error'}); retry later")
+
+    def _void(self, ident: tuple[str, str], writes: list[PlannedWrite]) -> None:
+        """Tell a later replay that these logged writes were rolled back."""
+        voids = [
+            Frame(self._relpath(ident, w.file.name), w.offset, w.key, w.received_at, b"")
+            for w in writes
+        ]
+        assert self._wal is not None
+        try:
+            self._wal.append(voids[::-1])
+        except OSError:
+            log.error("void_failed protocol=%s device=%s", *ident)
+
+    def _drop(self, ident: tuple[str, str]) -> None:
+        device = self._devices.pop(ident, None)
+        if device is not None:
+            with contextlib.suppress(OSError):
+                device.close()
+
+    def _evict(self, keep: set[tuple[str, str]]) -> None:
+        """Close the least recently used devices beyond `max_open_files`."""
+        while len(self._devices) > self._config.max_open_files:
+            ident = next(iter(self._devices))
+            if ident in keep:
+                break
+            self._drop(ident)
+
+    def _relpath(self, ident: tuple[str, str], name: str) -> str:
+        return f"{ident[0]}/{ident[1]}/{name}"
+
+    # -- checkpoint and recovery -----------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """Make every file written so far durable, then empty the log."""
+        assert self._wal is not None
+        if self._sync:
+            for ident, device in list(self._devices.items()):
+                try:
+                    device.sync()
+                except OSError as exc:
+                    self._failed(ident, exc)
+                    return  # keep the log: it still holds those writes
+            # Parents first: a device folder's own entry lives in its parent.
+            for folder in sorted(self._new_dirs, key=lambda p: len(p.parts)):
+                fsync_dir(folder)
+        self._new_dirs.clear()
+        self._wal.reset()
+        self._last_checkpoint = time.monotonic()
+
+    def recover(self) -> None:
+        """Replay the log of an unclean stop: restore, cut torn tails, sync."""
+        ends: dict[Path, int] = {}
+        keys: dict[Path, list[tuple[str, float]]] = {}
+        for frame in read_frames(self.data_dir):
+            path = self._checked_path(frame.relpath)
+            if path is None:
+                log.error("wal_bad_path path=%s: skipped", json.dumps(frame.relpath))
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder_keys = keys.setdefault(path.parent, [])
+            if frame.data:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+                try:
+                    os.pwrite(fd, frame.data, frame.offset)
+                finally:
+                    os.close(fd)
+                if frame.key is not None:
+                    folder_keys.append((frame.key, frame.received_at))
+            elif frame.key is not None and (frame.key, frame.received_at) in folder_keys:
+                # A void frame: that write was rolled back, so was its key.
+                folder_keys.remove((frame.key, frame.received_at))
+            ends[path] = frame.offset + len(frame.data)
+        for path, end in ends.items():
+            size = path.stat().st_size if path.exists() else 0
+            if size > end:
+                log.warning(
+                    "torn_tail_cut file=%s bytes=%d: never acknowledged",
+                    json.dumps(str(path.relative_to(self.data_dir))), size - end,
+                )
+            if end == 0:
+                path.unlink(missing_ok=True)
+                continue
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+                os.fsync(fh.fileno())
+        for folder, folder_keys in keys.items():
+            if folder_keys:
+                lines = "".join(f"{key} {ts:.3f}\n" for key, ts in folder_keys)
+                with open(folder / KEYS_NAME, "ab") as fh:
+                    fh.write(lines.encode("ascii"))
+                    os.fsync(fh.fileno())
+        for folder in {p.parent for p in ends}:
+            fsync_dir(folder)
+            fsync_dir(folder.parent)
+        if ends:
+            log.warning("recovered_from_log files=%d", len(ends))
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self.data_dir / ".ingestd-wal", 0)
+
+    def _checked_path(self, relpath: str) -> Path | None:
+        """A logged path, only if it names a device file inside the data dir."""
+        parts = relpath.split("/")
+        if len(parts) != 3 or parts[0] not in EXTENSIONS:
+            return None
+        protocol, device_id, name = parts
+        parsed = parse_file_name(name)
+        if not _DEVICE_ID.fullmatch(device_id) or parsed is None:
+            return None
+        if parsed.ext != EXTENSIONS[protocol]:
+            return None
+        return self.data_dir / protocol / device_id / name
+
+    # -- quarantine ------------------------------------------------------------------
+
+    def _quarantine(self, block: Quarantined) -> Result:
+        """Keep a bad block verbatim, named by its MD5, so a resend is a no-op."""
+        folder = self.data_dir / "quarantine" / block.protocol / block.device_id
+        name = block.dedup_key or f"{block.received_at:.6f}"
+        target = folder / f"{name}.csv"
+        if target.exists():
+            return Outcome.DUPLICATE
+        meta = {
+            "device": block.device_id,
+            "protocol": block.protocol,
+            "md5": block.dedup_key,
+            "received_at": rfc3339(block.received_at),
+            "reason": block.reason,
+        }
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_durably(folder / f"{name}.json", json.dumps(meta).encode() + b"\n")
+            write_durably(target, block.raw)
+            fsync_dir(folder)
+        except OSError as exc:
+            return self._failed((block.protocol, block.device_id), exc)
+        log.warning(
+            "quarantined protocol=%s device=%s md5=%s reason=%s",
+            block.protocol, block.device_id, block.dedup_key, json.dumps(block.reason),
+        )
+        return Outcome.QUARANTINED
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write a whole file or nothing: temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, FILE_MODE)
+    os.replace(tmp, path)
