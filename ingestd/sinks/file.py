@@ -81,7 +81,9 @@ class FileSink:
         try:
             await self._run(self._close_blocking)
         finally:
-            self._executor.shutdown(wait=True)
+            # The close job has finished, so the thread is idle: no need to
+            # block the loop joining it.
+            self._executor.shutdown(wait=False)
 
     def _close_blocking(self) -> None:
         if self._wal is None:

@@ -1,0 +1,94 @@
+"""Shared fixtures: a real app on an ephemeral port, storing under tmp_path."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from blockbuster import BlockBuster, blockbuster_ctx
+
+from ingestd.app import make_app
+from ingestd.config import Config, StorageConfig, validate
+
+
+@pytest.fixture(autouse=True)
+def blockbuster() -> Iterator[BlockBuster]:
+    """Fail any test in which the event loop makes a blocking call."""
+    with blockbuster_ctx("ingestd") as bb:
+        yield bb
+
+
+class FakeClock:
+    """A clock the test moves by hand (rotation by period)."""
+
+    def __init__(self, now: float = 1_795_262_400.0) -> None:  # 2026-11-21T08:00:00Z
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make_config(data_dir: Path, **storage: Any) -> Config:
+    config = Config(storage=StorageConfig(data_dir=str(data_dir), **storage))
+    return validate(config)
+
+
+@pytest.fixture
+def start_client(
+    tmp_path: Path, clock: FakeClock
+) -> Callable[..., Any]:
+    """`await start_client(config=None, **storage)` -> a TestClient on a real server."""
+    clients: list[TestClient] = []
+
+    async def start(config: Config | None = None, **storage: Any) -> TestClient:
+        config = config or make_config(tmp_path / "data", **storage)
+        client = TestClient(TestServer(make_app(config, clock=clock)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    start.clients = clients  # type: ignore[attr-defined]
+    return start
+
+
+@pytest.fixture
+async def client(start_client: Callable[..., Any]) -> AsyncIterator[TestClient]:
+    client = await start_client()
+    yield client
+    await client.close()
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients(start_client: Callable[..., Any]) -> AsyncIterator[None]:
+    yield
+    for client in start_client.clients:
+        await client.close()
+
+
+def wattmon_form(mac: str, data: bytes | str, md5: str | None = "auto") -> str:
+    """The urlencoded body a Wattmon device sends."""
+    raw = data.encode() if isinstance(data, str) else data
+    fields: dict[str, str | bytes] = {"key": mac, "data": raw}
+    if md5 == "auto":
+        fields["md5sum"] = hashlib.md5(raw).hexdigest()
+    elif md5 is not None:
+        fields["md5sum"] = md5
+    return urllib.parse.urlencode(fields)
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+def replace_storage(config: Config, **changes: Any) -> Config:
+    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, **changes))
