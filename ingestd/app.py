@@ -50,6 +50,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     await sink.open()
     pipeline = Pipeline(
         sink.commit,
+        sink.probe,
         max_records=config.storage.queue_max_records,
         enqueue_timeout_secs=config.storage.enqueue_timeout_secs,
         batch_max_records=config.storage.batch_max_records,

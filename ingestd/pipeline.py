@@ -21,6 +21,8 @@ log = logging.getLogger("ingestd.pipeline")
 
 Item = Record | Quarantined
 Commit = Callable[[list[Item]], Awaitable[list[Outcome | IngestError]]]
+Probe = Callable[[], Awaitable[None]]
+PROBE_INTERVAL_SECS = 1.0
 
 
 @dataclass(slots=True)
@@ -41,12 +43,15 @@ class Pipeline:
     def __init__(
         self,
         commit: Commit,
+        probe: Probe,
         *,
         max_records: int,
         enqueue_timeout_secs: float,
         batch_max_records: int,
     ) -> None:
         self._commit = commit
+        self._probe = probe
+        self._prober: asyncio.Task[None] | None = None
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Outcome]] | None] = (
             asyncio.Queue(max_records)
         )
@@ -91,6 +96,10 @@ class Pipeline:
         await self._queue.put(None)  # the writer stops when it reaches this
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
 
     async def _run(self) -> None:
         while True:
@@ -138,6 +147,20 @@ class Pipeline:
             if not future.done():
                 future.set_result(result)
         stats.storage_ok = not failed
+        if failed and (self._prober is None or self._prober.done()):
+            self._prober = asyncio.create_task(self._probe_until_healthy())
+
+    async def _probe_until_healthy(self) -> None:
+        """While storage fails, test it every second, so health comes back
+        when the disk does, even if no device happens to post."""
+        while not self.stats.storage_ok and not self._closing:
+            await asyncio.sleep(PROBE_INTERVAL_SECS)
+            try:
+                await self._probe()
+            except OSError:
+                continue
+            log.info("storage_recovered")
+            self.stats.storage_ok = True
 
     def _writer_done(self, task: asyncio.Task[None]) -> None:
         """If the writer dies, fail every waiting request instead of hanging it."""

@@ -27,7 +27,7 @@ def blockbuster() -> Iterator[BlockBuster]:
 class FakeClock:
     """A clock the test moves by hand (rotation by period)."""
 
-    def __init__(self, now: float = 1_795_262_400.0) -> None:  # 2026-11-21T08:00:00Z
+    def __init__(self, now: float = 1_795_248_000.0) -> None:  # 2026-11-21T08:00:00Z
         self.now = now
 
     def __call__(self) -> float:
@@ -39,8 +39,20 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-def make_config(data_dir: Path, **storage: Any) -> Config:
+def make_config(
+    data_dir: Path,
+    *,
+    server: dict[str, Any] | None = None,
+    wattmon: dict[str, Any] | None = None,
+    **storage: Any,
+) -> Config:
+    """A config storing under `data_dir`, with some settings changed."""
     config = Config(storage=StorageConfig(data_dir=str(data_dir), **storage))
+    config = dataclasses.replace(
+        config,
+        server=dataclasses.replace(config.server, **(server or {})),
+        wattmon=dataclasses.replace(config.wattmon, **(wattmon or {})),
+    )
     return validate(config)
 
 
@@ -51,8 +63,8 @@ def start_client(
     """`await start_client(config=None, **storage)` -> a TestClient on a real server."""
     clients: list[TestClient] = []
 
-    async def start(config: Config | None = None, **storage: Any) -> TestClient:
-        config = config or make_config(tmp_path / "data", **storage)
+    async def start(config: Config | None = None, **settings: Any) -> TestClient:
+        config = config or make_config(tmp_path / "data", **settings)
         client = TestClient(TestServer(make_app(config, clock=clock)))
         await client.start_server()
         clients.append(client)
@@ -89,6 +101,3 @@ def wattmon_form(mac: str, data: bytes | str, md5: str | None = "auto") -> str:
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
-
-def replace_storage(config: Config, **changes: Any) -> Config:
-    return dataclasses.replace(config, storage=dataclasses.replace(config.storage, **changes))

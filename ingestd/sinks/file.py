@@ -45,6 +45,7 @@ EXTENSIONS = {"wattmon": "csv", "json": "jsonl"}
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
 CHECKPOINT_SECS = 10.0
 CHECKPOINT_WAL_BYTES = 64 * 1024 * 1024
+PROBE_BYTES = 64 * 1024
 
 Result = Outcome | IngestError
 
@@ -97,6 +98,17 @@ class FileSink:
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def probe(self) -> None:
+        """Raise OSError unless storage takes a write of a batch's size again."""
+        await self._run(self._probe_blocking)
+
+    def _probe_blocking(self) -> None:
+        path = self.data_dir / ".ingestd-probe"
+        try:
+            write_durably(path, bytes(PROBE_BYTES))
+        finally:
+            path.unlink(missing_ok=True)
 
     # -- the commit --------------------------------------------------------------
 

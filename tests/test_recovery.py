@@ -1,0 +1,124 @@
+"""Start-up after an unclean stop: the write-ahead log restores what was
+acknowledged and cuts what was not. The crash image is a copy of the data
+directory taken while the sink was running (files not yet checkpointed)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from conftest import make_config
+
+from ingestd.protocols.wattmon import split_block
+from ingestd.records import Outcome, Record
+from ingestd.sinks.file import FileSink
+from ingestd.sinks.wal import WAL_NAME, Frame
+
+T0 = 1_795_248_000.0
+MAC = "001122334455"
+
+
+def record(i: int, key: str | None = None) -> Record:
+    header, rows, count = split_block(f"Time,Seq\n2026-11-21 08:00:{i:02d},{i}\n".encode())
+    return Record("wattmon", MAC, T0 + i, rows, header=header, dedup_key=key or f"{i:032x}", count=count)
+
+
+async def open_sink(data_dir: Path) -> FileSink:
+    sink = FileSink(data_dir, make_config(data_dir).storage)
+    await sink.open()
+    return sink
+
+
+async def crash_image(tmp_path: Path, batches: list[list[Record]]) -> Path:
+    """Commit `batches`, copy the data dir as a crash would leave it, then stop."""
+    live = tmp_path / "live"
+    sink = await open_sink(live)
+    for batch in batches:
+        assert set(await sink.commit(batch)) == {Outcome.STORED}
+    image = tmp_path / "image"
+    shutil.copytree(live, image)
+    await sink.close()
+    assert (image / WAL_NAME).stat().st_size > 0, "the image should need a replay"
+    return image
+
+
+def csv_file(data_dir: Path) -> Path:
+    return data_dir / "wattmon" / MAC / "2026-11-21.csv"
+
+
+EXPECTED = "Time,Seq\n" + "".join(f"2026-11-21 08:00:{i:02d},{i}\n" for i in range(4))
+
+
+async def test_acknowledged_rows_lost_from_the_file_come_back(tmp_path):
+    image = await crash_image(tmp_path, [[record(0), record(1)], [record(2), record(3)]])
+    path = csv_file(image)
+    path.write_bytes(path.read_bytes()[:15])  # the page cache never reached the disk
+    sink = await open_sink(image)
+    await sink.close()
+    assert path.read_text() == EXPECTED
+
+
+async def test_torn_unacknowledged_tail_is_cut(tmp_path, caplog):
+    image = await crash_image(tmp_path, [[record(0), record(1), record(2), record(3)]])
+    with open(csv_file(image), "ab") as fh:
+        fh.write(b"2026-11-21 08:00:04,")  # a write that was cut by the crash
+    sink = await open_sink(image)
+    await sink.close()
+    assert csv_file(image).read_text() == EXPECTED
+    assert "torn_tail_cut" in caplog.text
+
+
+async def test_torn_frame_at_the_end_of_the_log_is_ignored(tmp_path):
+    image = await crash_image(tmp_path, [[record(0), record(1), record(2), record(3)]])
+    frame = Frame(f"wattmon/{MAC}/2026-11-21.csv", 999, None, T0, b"never,acknowledged\n")
+    with open(image / WAL_NAME, "ab") as fh:
+        fh.write(frame.encode()[:-5])
+    sink = await open_sink(image)
+    await sink.close()
+    assert csv_file(image).read_text() == EXPECTED
+
+
+async def test_keys_survive_a_crash_so_resends_are_not_stored_twice(tmp_path):
+    image = await crash_image(tmp_path, [[record(0), record(1), record(2), record(3)]])
+    (image / "wattmon" / MAC / ".ingestd-keys").unlink()  # never reached the disk
+    sink = await open_sink(image)
+    assert await sink.commit([record(2)]) == [Outcome.DUPLICATE]
+    await sink.close()
+    assert csv_file(image).read_text() == EXPECTED
+
+
+async def test_log_paths_outside_the_data_dir_are_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    evil = Frame("wattmon/../../escape/2026-11-21.csv", 0, None, T0, b"x\n")
+    (data / WAL_NAME).write_bytes(evil.encode())
+    sink = await open_sink(data)
+    await sink.close()
+    assert not (tmp_path / "escape").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]
+
+
+async def test_clean_stop_leaves_an_empty_log(tmp_path):
+    sink = await open_sink(tmp_path / "d")
+    await sink.commit([record(0)])
+    await sink.close()
+    assert (tmp_path / "d" / WAL_NAME).stat().st_size == 0
+
+
+async def test_write_refused_after_logging_stays_refused_after_a_crash(tmp_path):
+    live = tmp_path / "live"
+    sink = await open_sink(live)
+    assert await sink.commit([record(0)]) == [Outcome.STORED]
+    with open(csv_file(live), "ab") as fh:
+        fh.write(b"foreign,bytes\n")  # someone else wrote: our offsets are stale
+    [refused] = await sink.commit([record(1)])
+    assert not isinstance(refused, Outcome)  # answered 503: the device will resend
+    image = tmp_path / "image"
+    shutil.copytree(live, image)
+    await sink.close()
+    recovered = await open_sink(image)
+    # The refused block was rolled back, so its resend is stored, not dropped.
+    assert await recovered.commit([record(1)]) == [Outcome.STORED]
+    await recovered.close()
+    text = csv_file(image).read_text()
+    assert text.count("2026-11-21 08:00:01,1\n") == 1

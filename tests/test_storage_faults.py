@@ -1,0 +1,119 @@
+"""Real storage faults: a full filesystem (tmpfs), folders removed under us."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import FORM, make_config, wattmon_form
+
+MAC = "001122334455"
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs, so the disk really fills up (needs root to mount)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def block(i: int) -> str:
+    return f"Time,Seq,Pad\n2026-11-21 08:{i // 60:02d}:{i % 60:02d},{i},{'x' * 40}\n"
+
+
+async def test_full_disk_gives_503_keeps_no_partial_rows_and_recovers(start_client, small_fs):
+    client = await start_client(make_config(small_fs / "data"))
+    filler = small_fs / "filler"
+    # Leave a little room, then fill it with honest traffic until it runs out.
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * (512 * 1024 - 96 * 1024))
+    acked, refused = [], []
+    for i in range(2000):
+        resp = await client.post("/wattmon", data=wattmon_form(MAC, block(i)), headers=FORM)
+        body = await resp.text()
+        if resp.status == 200:
+            assert body == "OK"
+            acked.append(i)
+        else:
+            assert resp.status == 503
+            assert body.startswith("ERROR: ")
+            assert int(resp.headers["Retry-After"]) > 0
+            refused.append(i)
+            if len(refused) >= 3:
+                break
+    assert acked and refused, "the filesystem never filled up"
+    health = await client.get("/healthz")
+    assert health.status == 503
+
+    rows = stored_sequence(small_fs / "data")
+    assert rows == acked  # every acknowledged block, once, in order; no partial row
+
+    filler.unlink()
+    for _ in range(50):  # the daemon notices by itself within ~1 s
+        if (await client.get("/healthz")).status == 200:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("healthz did not recover after space came back")
+    for i in refused:  # the devices resend what was refused
+        resp = await client.post("/wattmon", data=wattmon_form(MAC, block(i)), headers=FORM)
+        assert (resp.status, await resp.text()) == (200, "OK")
+    assert stored_sequence(small_fs / "data") == acked + refused
+
+
+def stored_sequence(data_dir: Path) -> list[int]:
+    seqs = []
+    for f in sorted((data_dir / "wattmon" / MAC).glob("*.csv")):
+        text = f.read_text()
+        assert text.endswith("\n"), f"torn last line in {f.name}"
+        lines = text.splitlines()
+        assert lines[0] == "Time,Seq,Pad"
+        for line in lines[1:]:
+            ts, seq, pad = line.split(",")
+            assert pad == "x" * 40
+            seqs.append(int(seq))
+    return seqs
+
+
+async def test_device_folder_deleted_under_the_daemon_is_recreated(client, tmp_path):
+    first = await client.post("/wattmon", data=wattmon_form(MAC, block(1)), headers=FORM)
+    assert first.status == 200
+    folder = tmp_path / "data" / "wattmon" / MAC
+    await asyncio.to_thread(shutil.rmtree, folder)
+    resp = await client.post("/wattmon", data=wattmon_form(MAC, block(2)), headers=FORM)
+    assert (resp.status, await resp.text()) == (200, "OK")
+    assert (folder / "2026-11-21.csv").read_text() == block(2)
+
+
+async def test_file_moved_away_is_started_again(client, tmp_path):
+    await client.post("/wattmon", data=wattmon_form(MAC, block(1)), headers=FORM)
+    folder = tmp_path / "data" / "wattmon" / MAC
+    (folder / "2026-11-21.csv").rename(tmp_path / "archived.csv")
+    resp = await client.post("/wattmon", data=wattmon_form(MAC, block(2)), headers=FORM)
+    assert resp.status == 200
+    assert (folder / "2026-11-21.csv").read_text() == block(2)
+    assert (tmp_path / "archived.csv").read_text() == block(1)
+
+
+async def test_unusable_device_path_is_503_for_that_device_only(client, tmp_path):
+    (tmp_path / "data" / "wattmon").mkdir(parents=True)
+    (tmp_path / "data" / "wattmon" / MAC).write_text("not a folder")
+    resp = await client.post("/wattmon", data=wattmon_form(MAC, block(1)), headers=FORM)
+    assert resp.status == 503
+    assert (await resp.text()).startswith("ERROR: ")
+    other = await client.post("/wattmon", data=wattmon_form("00aabbccddee", block(1)), headers=FORM)
+    assert (other.status, await other.text()) == (200, "OK")
