@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import hdrs, web
@@ -13,6 +16,7 @@ from ingestd.errors import BodyTooLarge, IngestError
 from ingestd.pipeline import Pipeline
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.sinks.file import FileSink
+from ingestd.sinks.housekeeping import Retention, sweep
 
 log = logging.getLogger("ingestd.http")
 
@@ -31,6 +35,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app[CONFIG] = config
     app[CLOCK] = clock
     app.cleanup_ctx.append(storage_ctx)
+    app.cleanup_ctx.append(housekeeping_ctx)
     app.router.add_get("/healthz", healthz)
     for path in config.wattmon.paths:
         app.router.add_post(path, wattmon_handler)
@@ -63,6 +68,35 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await pipeline.close()
         await sink.close()
+
+
+async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Compress closed files and apply retention, in a thread of its own."""
+    config = app[CONFIG]
+    retention = Retention(
+        compress=config.storage.compress,
+        max_age_days=config.storage.retention_days,
+        max_total_bytes=config.storage.retention_max_bytes,
+    )
+    executor = ThreadPoolExecutor(1, thread_name_prefix="ingestd-housekeeping")
+    loop = asyncio.get_running_loop()
+
+    async def run() -> None:
+        while True:
+            try:
+                await loop.run_in_executor(executor, sweep, config.data_dir, retention)
+            except OSError as exc:
+                log.error("housekeeping_failed error=%s", exc)
+            await asyncio.sleep(config.storage.housekeeping_interval_secs)
+
+    task = asyncio.create_task(run(), name="ingestd-housekeeping")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def read_body(request: web.Request) -> bytes:

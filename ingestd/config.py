@@ -42,11 +42,16 @@ class StorageConfig:
     # How long a request waits for room in a full queue before it gets 503.
     enqueue_timeout_secs: float = 2.0
     batch_max_records: int = 4096
-    writer_threads: int = 4
     # A resend of a block already stored is answered OK and stored nothing
     # when it is among the device's last N blocks and younger than this.
     dedup_window_blocks: int = 1000
     dedup_window_secs: float = 7 * 24 * 3600.0
+    # Closed (rotated) files: gzip them; delete the oldest past an age or
+    # when all closed files together pass a size (0 turns either off).
+    compress: bool = True
+    retention_days: float = 0.0
+    retention_max_bytes: int = 0
+    housekeeping_interval_secs: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +136,13 @@ def validate(config: Config) -> Config:
         "queue_max_records",
         "enqueue_timeout_secs",
         "batch_max_records",
-        "writer_threads",
         "dedup_window_blocks",
         "dedup_window_secs",
+        "housekeeping_interval_secs",
     ):
         _positive(f"storage.{name}", getattr(st, name))
+    if st.retention_days < 0 or st.retention_max_bytes < 0:
+        raise ConfigError("storage.retention_*: must be 0 (off) or more")
     for path in config.wattmon.paths:
         if not path.startswith("/") or path in ("/healthz",):
             raise ConfigError(f"wattmon.paths: {path!r} must start with / and not be /healthz")
