@@ -38,6 +38,19 @@ class PlannedWrite:
 
 
 class DeviceFiles:
+    __slots__ = (
+        "_created_file",
+        "_fd",
+        "_fd_name",
+        "_keys_fd",
+        "current",
+        "dirty",
+        "ext",
+        "folder",
+        "settings",
+        "window",
+    )
+
     def __init__(self, folder: Path, ext: str, settings: Settings) -> None:
         self.folder = folder
         self.ext = ext
@@ -46,7 +59,6 @@ class DeviceFiles:
         self.window = DedupWindow(settings.dedup_window_blocks, settings.dedup_window_secs)
         self.dirty = False
         self._created_file = False  # the folder's entries need an fsync too
-        self.rotated: list[Path] = []  # closed files, for compression
         self._fd: int | None = None
         self._fd_name: FileName | None = None
         self._keys_fd: int | None = None
@@ -188,7 +200,6 @@ class DeviceFiles:
             # Rotation: the old file is complete, so make it durable now.
             os.fsync(self._fd)
             os.close(self._fd)
-            self.rotated.append(self.folder / self._fd_name.name)
             self._fd = None
         self._fd = os.open(
             self.folder / name.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE

@@ -257,6 +257,8 @@ class FileSink:
             if path is None:
                 log.error("wal_bad_path path=%s: skipped", json.dumps(frame.relpath))
                 continue
+            if path.with_name(path.name + ".gz").exists():
+                continue  # closed and compressed after it was synced: complete
             path.parent.mkdir(parents=True, exist_ok=True)
             folder_keys = keys.setdefault(path.parent, [])
             if frame.data:
