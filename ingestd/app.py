@@ -6,42 +6,74 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingestd.config import Config
+from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
+from ingestd.devices import DeviceRegistry
 from ingestd.errors import BodyTooLarge, IngestError
+from ingestd.logs import setup_logging
+from ingestd.metrics import Metrics
 from ingestd.pipeline import Pipeline
 from ingestd.protocols import jsonpost, wattmon
+from ingestd.records import Outcome
 from ingestd.sinks.file import FileSink
 from ingestd.sinks.housekeeping import Retention, sweep
 
 log = logging.getLogger("ingestd.http")
 
-CONFIG = web.AppKey("config", Config)
+
+class LiveConfig:
+    """The running config; SIGHUP swaps `current` for a reloaded one."""
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
+
+
+CONFIG = web.AppKey("config", LiveConfig)
 CLOCK = web.AppKey("clock", Callable[[], float])
 PIPELINE = web.AppKey("pipeline", Pipeline)
 SINK = web.AppKey("sink", FileSink)
+DEVICES = web.AppKey("devices", DeviceRegistry)
+METRICS = web.AppKey("metrics", Metrics)
+
+# Set by the handlers, read by the middleware that counts requests.
+PROTOCOL_OF = web.RequestKey("protocol", str)
+OUTCOME_OF = web.RequestKey("outcome", str)
 
 OK_BODY = "OK"
 
 
 def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
-    app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
-    )
-    app[CONFIG] = config
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = LiveConfig(config)
     app[CLOCK] = clock
+    app[DEVICES] = DeviceRegistry()
+    app[METRICS] = Metrics()
+    # The pipeline context is registered first, so it is torn down last.
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
     app.router.add_get("/healthz", healthz)
-    for path in config.wattmon.paths:
-        app.router.add_post(path, wattmon_handler)
-    if config.json.enabled:
-        app.router.add_route("*", "/{stream:.*}", json_handler)
+    app.router.add_get("/metrics", metrics)
+    # Device routes are matched by hand: a reload may change them.
+    app.router.add_route("*", "/{path:.*}", dispatch)
     return app
+
+
+def reload_config(app: web.Application, new: Config) -> tuple[list[str], list[str]]:
+    """Apply what can change while running.
+
+    Returns the changed settings, and those among them that wait for a restart.
+    """
+    live = app[CONFIG]
+    changed = changed_settings(live.current, new)
+    live.current = keep_restart_only(live.current, new)
+    app[PIPELINE].set_enqueue_timeout(live.current.storage.enqueue_timeout_secs)
+    setup_logging(live.current.log.level, live.current.log.format)
+    return changed, [key for key in changed if key not in RELOADABLE]
 
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -50,8 +82,10 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     Cleanup contexts run after the server has finished in-flight requests, so
     every record a handler submitted is stored before the files close.
     """
-    config = app[CONFIG]
+    config = app[CONFIG].current
+    metrics = app[METRICS]
     sink = FileSink(config.data_dir, config.storage)
+    sink.observe = metrics.observe_storage
     await sink.open()
     pipeline = Pipeline(
         sink.commit,
@@ -59,8 +93,11 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         max_records=config.storage.queue_max_records,
         enqueue_timeout_secs=config.storage.enqueue_timeout_secs,
         batch_max_records=config.storage.batch_max_records,
+        listener=app[DEVICES].on_result,
+        observe_batch=metrics.observe_batch,
     )
     pipeline.start()
+    metrics.watch(pipeline, app[DEVICES], lambda: sink.open_devices)
     app[SINK] = sink
     app[PIPELINE] = pipeline
     try:
@@ -72,22 +109,22 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     """Compress closed files and apply retention, in a thread of its own."""
-    config = app[CONFIG]
-    retention = Retention(
-        compress=config.storage.compress,
-        max_age_days=config.storage.retention_days,
-        max_total_bytes=config.storage.retention_max_bytes,
-    )
     executor = ThreadPoolExecutor(1, thread_name_prefix="ingestd-housekeeping")
     loop = asyncio.get_running_loop()
 
     async def run() -> None:
         while True:
+            storage = app[CONFIG].current.storage
+            retention = Retention(
+                compress=storage.compress,
+                max_age_days=storage.retention_days,
+                max_total_bytes=storage.retention_max_bytes,
+            )
             try:
-                await loop.run_in_executor(executor, sweep, config.data_dir, retention)
+                await loop.run_in_executor(executor, sweep, app[SINK].data_dir, retention)
             except OSError as exc:
                 log.error("housekeeping_failed error=%s", exc)
-            await asyncio.sleep(config.storage.housekeeping_interval_secs)
+            await asyncio.sleep(storage.housekeeping_interval_secs)
 
     task = asyncio.create_task(run(), name="ingestd-housekeeping")
     try:
@@ -99,35 +136,52 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def read_body(request: web.Request) -> bytes:
-    limit = request.app[CONFIG].server.max_body_bytes
+async def dispatch(request: web.Request) -> web.Response:
+    config = request.app[CONFIG].current
+    if request.path in config.wattmon.paths:
+        request[PROTOCOL_OF] = wattmon.PROTOCOL
+        if request.method != hdrs.METH_POST:
+            raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
+        return await wattmon_post(request, config)
+    if config.json.enabled:
+        request[PROTOCOL_OF] = jsonpost.PROTOCOL
+        if request.method != hdrs.METH_POST:
+            raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
+        return await json_post(request, config)
+    raise web.HTTPNotFound()
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing more than `limit` bytes without reading it all."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body over {limit} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BodyTooLarge(f"request body over {limit} bytes") from None
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-async def wattmon_handler(request: web.Request) -> web.Response:
+async def wattmon_post(request: web.Request, config: Config) -> web.Response:
     app = request.app
-    body = await read_body(request)
+    body = await read_body(request, config.server.max_body_bytes)
     item = wattmon.parse(
         body,
         request.headers.get(hdrs.CONTENT_TYPE, ""),
         received_at=app[CLOCK](),
-        require_md5=app[CONFIG].wattmon.require_md5,
+        require_md5=config.wattmon.require_md5,
     )
-    if item is not None:
-        await app[PIPELINE].submit(item)
+    outcome = "empty" if item is None else (await app[PIPELINE].submit(item)).value
+    request[OUTCOME_OF] = outcome
     return web.Response(text=OK_BODY)
 
 
-async def json_handler(request: web.Request) -> web.Response:
-    if request.method != hdrs.METH_POST:
-        raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
+async def json_post(request: web.Request, config: Config) -> web.Response:
     app = request.app
-    body = await read_body(request)
+    body = await read_body(request, config.server.max_body_bytes)
     record = jsonpost.parse(
         body,
         path=request.path,
@@ -135,7 +189,8 @@ async def json_handler(request: web.Request) -> web.Response:
         received_at=app[CLOCK](),
         idempotency_key=request.headers.get("Idempotency-Key"),
     )
-    await app[PIPELINE].submit(record)
+    outcome: Outcome = await app[PIPELINE].submit(record)
+    request[OUTCOME_OF] = outcome.value
     return web.Response(text=OK_BODY)
 
 
@@ -148,6 +203,11 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text=OK_BODY)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+
 def error_response(status: int, message: str, retry_after: int | None = None) -> web.Response:
     headers = {hdrs.RETRY_AFTER: str(retry_after)} if retry_after is not None else None
     return web.Response(status=status, text=f"ERROR: {message}", headers=headers)
@@ -155,22 +215,31 @@ def error_response(status: int, message: str, retry_after: int | None = None) ->
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """Every refusal is `ERROR: ...` text, so a Wattmon device resends."""
+    """Every refusal is `ERROR: ...` text, so a Wattmon device resends.
+
+    Also counts each device request by protocol and outcome for /metrics.
+    """
     try:
-        return await handler(request)
+        response = await handler(request)
+        outcome = request.get(OUTCOME_OF)
     except IngestError as exc:
         log.info(
             "rejected status=%d code=%s path=%s remote=%s",
             exc.status, exc.code, _safe(request.path), _safe(request.remote or ""),
         )
-        return error_response(exc.status, exc.message, exc.retry_after_secs)
+        response = error_response(exc.status, exc.message, exc.retry_after_secs)
+        outcome = exc.code
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         response = error_response(exc.status, (exc.reason or "error").lower())
         if hdrs.ALLOW in exc.headers:
             response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
-        return response
+        outcome = f"http_{exc.status}"
+    protocol = request.get(PROTOCOL_OF)
+    if protocol is not None and outcome is not None:
+        request.app[METRICS].requests[(protocol, outcome)] += 1
+    return response
 
 
 def _safe(text: str, limit: int = 200) -> str:

@@ -27,6 +27,9 @@ class ServerConfig:
     max_body_bytes: int = 8 * MiB
     # Seconds a SIGTERM waits for in-flight requests and the queue to drain.
     shutdown_timeout_secs: float = 25.0
+    # PEM files; both set serves HTTPS. Re-read on SIGHUP (renewed certs).
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +146,60 @@ def validate(config: Config) -> Config:
         _positive(f"storage.{name}", getattr(st, name))
     if st.retention_days < 0 or st.retention_max_bytes < 0:
         raise ConfigError("storage.retention_*: must be 0 (off) or more")
+    if bool(config.server.tls_cert) != bool(config.server.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key: set both or neither")
     for path in config.wattmon.paths:
-        if not path.startswith("/") or path in ("/healthz",):
-            raise ConfigError(f"wattmon.paths: {path!r} must start with / and not be /healthz")
+        if not path.startswith("/") or path in RESERVED_PATHS:
+            raise ConfigError(
+                f"wattmon.paths: {path!r} must start with / and not be one of {RESERVED_PATHS}"
+            )
     return config
+
+
+RESERVED_PATHS = ("/healthz", "/metrics")
+
+# Settings that SIGHUP applies; any other change waits for a restart.
+RELOADABLE = frozenset(
+    {
+        "server.max_body_bytes",
+        "server.tls_cert",
+        "server.tls_key",
+        "storage.enqueue_timeout_secs",
+        "storage.compress",
+        "storage.retention_days",
+        "storage.retention_max_bytes",
+        "wattmon.paths",
+        "wattmon.require_md5",
+        "json.enabled",
+        "log.level",
+        "log.format",
+    }
+)
+
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """Dotted names of the settings that differ, e.g. `storage.fsync`."""
+    changed = []
+    for section in dataclasses.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        for setting in dataclasses.fields(before):
+            if getattr(before, setting.name) != getattr(after, setting.name):
+                changed.append(f"{section.name}.{setting.name}")
+    return changed
+
+
+def keep_restart_only(old: Config, new: Config) -> Config:
+    """`new`, except settings that need a restart keep their running value."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        kept = {
+            f.name: getattr(before, f.name)
+            for f in dataclasses.fields(before)
+            if f"{section.name}.{f.name}" not in RELOADABLE
+        }
+        sections[section.name] = dataclasses.replace(after, **kept)
+    return Config(**sections)
 
 
 def _positive(name: str, value: float) -> None:

@@ -22,6 +22,7 @@ log = logging.getLogger("ingestd.pipeline")
 Item = Record | Quarantined
 Commit = Callable[[list[Item]], Awaitable[list[Outcome | IngestError]]]
 Probe = Callable[[], Awaitable[None]]
+Listener = Callable[[Item, Outcome | IngestError], None]
 PROBE_INTERVAL_SECS = 1.0
 
 
@@ -37,6 +38,7 @@ class PipelineStats:
     last_batch_size: int = 0
     storage_ok: bool = True
     started_at: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
 
 
 class Pipeline:
@@ -48,6 +50,8 @@ class Pipeline:
         max_records: int,
         enqueue_timeout_secs: float,
         batch_max_records: int,
+        listener: Listener | None = None,
+        observe_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self._commit = commit
         self._probe = probe
@@ -57,7 +61,10 @@ class Pipeline:
         )
         self._enqueue_timeout = enqueue_timeout_secs
         self._batch_max = batch_max_records
+        self._listener = listener
+        self._observe_batch = observe_batch
         self._closing = False
+        self._busy = False
         self._writer: asyncio.Task[None] | None = None
         self.stats = PipelineStats()
 
@@ -68,6 +75,15 @@ class Pipeline:
     @property
     def depth(self) -> int:
         return self._queue.qsize()
+
+    def making_progress(self, within_secs: float) -> bool:
+        """True when idle, or when the writer finished a batch recently."""
+        if self.depth == 0 and not self._busy:
+            return True
+        return time.monotonic() - self.stats.last_progress < within_secs
+
+    def set_enqueue_timeout(self, secs: float) -> None:
+        self._enqueue_timeout = secs
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._run(), name="ingestd-writer")
@@ -115,11 +131,16 @@ class Pipeline:
                 else:
                     batch.append(entry)
             if batch:
-                await self._store(batch)
+                self._busy = True
+                try:
+                    await self._store(batch)
+                finally:
+                    self._busy = False
             if stop:
                 return
 
     async def _store(self, batch: list[tuple[Item, asyncio.Future[Outcome]]]) -> None:
+        started = time.perf_counter()
         try:
             results = await self._commit([item for item, _ in batch])
         except Exception as exc:  # a bug in the sink must not hang the devices
@@ -128,8 +149,13 @@ class Pipeline:
         stats = self.stats
         stats.batches += 1
         stats.last_batch_size = len(batch)
+        stats.last_progress = time.monotonic()
+        if self._observe_batch is not None:
+            self._observe_batch(len(batch), time.perf_counter() - started)
         failed = False
         for (item, future), result in zip(batch, results, strict=True):
+            if self._listener is not None:
+                self._listener(item, result)
             if isinstance(result, IngestError):
                 failed = True
                 stats.storage_errors += 1

@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,6 +67,12 @@ class FileSink:
         self._wal: WriteAheadLog | None = None
         self._last_checkpoint = time.monotonic()
         self._new_dirs: set[Path] = set()
+        # Called from the writer thread with ("log_sync" | "write", seconds).
+        self.observe: Callable[[str, float], None] | None = None
+
+    @property
+    def open_devices(self) -> int:
+        return len(self._devices)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -95,6 +102,15 @@ class FileSink:
         self._devices.clear()
         self._wal.close()
         self._wal = None
+
+    async def reopen(self) -> None:
+        """Close every device's handles; the next write opens them again, so
+        files moved away by an external tool are started afresh."""
+        await self._run(self._reopen_blocking)
+
+    def _reopen_blocking(self) -> None:
+        for ident in list(self._devices):
+            self._drop(ident)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -144,13 +160,16 @@ class FileSink:
             for ident, planned in plans.items()
             for _, w in planned
         ]
+        started = time.perf_counter()
         try:
             if frames:
                 self._wal.append(frames)
+                self._observe("log_sync", started)
         except OSError as exc:
             for ident in plans:
                 outcomes[ident] = self._failed(ident, exc)
         else:
+            started = time.perf_counter()
             for ident, planned in plans.items():
                 writes = [w for _, w in planned]
                 try:
@@ -159,6 +178,8 @@ class FileSink:
                 except OSError as exc:
                     outcomes[ident] = self._failed(ident, exc)
                     self._void(ident, writes)
+            if plans:
+                self._observe("write", started)
 
         for ident, planned in plans.items():
             for i, _ in planned:
@@ -175,6 +196,10 @@ class FileSink:
         ):
             self._checkpoint()
         return [r if r is not None else StorageFailed("internal error") for r in results]
+
+    def _observe(self, what: str, started: float) -> None:
+        if self.observe is not None:
+            self.observe(what, time.perf_counter() - started)
 
     def _device(self, ident: tuple[str, str]) -> DeviceFiles:
         device = self._devices.get(ident)

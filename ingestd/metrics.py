@@ -1,0 +1,99 @@
+"""Prometheus metrics at /metrics, with the maintained prometheus_client.
+
+Counters kept on the hot path are plain integers in the pipeline, the device
+registry and a request tally; a custom collector turns them into metrics at
+scrape time, so a request pays for no metric object. Only per-batch timings
+use histograms.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ingestd.devices import DeviceRegistry
+from ingestd.pipeline import Pipeline
+
+RequestTally = Counter[tuple[str, str]]  # (protocol, outcome) -> requests
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests: RequestTally = Counter()
+        self.batch_size = Histogram(
+            "ingestd_batch_records", "Records per group commit",
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "ingestd_batch_seconds", "Time to store one batch (log sync and file writes)",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.sync_seconds = Histogram(
+            "ingestd_log_sync_seconds", "Time of the write-ahead log's fdatasync per batch",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.write_seconds = Histogram(
+            "ingestd_file_write_seconds", "Time to append a batch to the device files",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def observe_storage(self, what: str, seconds: float) -> None:
+        """Called from the writer thread; prometheus_client is thread-safe."""
+        (self.sync_seconds if what == "log_sync" else self.write_seconds).observe(seconds)
+
+    def watch(
+        self, pipeline: Pipeline, devices: DeviceRegistry, open_handles: Callable[[], int]
+    ) -> None:
+        self.registry.register(_StateCollector(self.requests, pipeline, devices, open_handles))
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self,
+        requests: RequestTally,
+        pipeline: Pipeline,
+        devices: DeviceRegistry,
+        open_handles: Callable[[], int],
+    ) -> None:
+        self._requests = requests
+        self._pipeline = pipeline
+        self._devices = devices
+        self._open_handles = open_handles
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "ingestd_requests", "Requests by protocol and outcome", labels=["protocol", "outcome"]
+        )
+        for (protocol, outcome), count in sorted(self._requests.items()):
+            requests.add_metric([protocol, outcome], count)
+        yield requests
+        stats = self._pipeline.stats
+        for name, doc, value in (
+            ("ingestd_records_stored", "Blocks and documents stored", stats.records_stored),
+            ("ingestd_rows_stored", "CSV rows and JSON documents stored", stats.rows_stored),
+            ("ingestd_bytes_stored", "Payload bytes stored", stats.bytes_stored),
+            ("ingestd_duplicates_suppressed", "Resends answered OK, not stored", stats.duplicates),
+            ("ingestd_quarantined_blocks", "Bad blocks kept in quarantine", stats.quarantined),
+            ("ingestd_storage_errors", "Records refused because storage failed", stats.storage_errors),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily("ingestd_queue_depth", "Records waiting for the writer",
+                                value=self._pipeline.depth)
+        yield GaugeMetricFamily("ingestd_devices_seen", "Devices and streams heard from since start",
+                                value=len(self._devices))
+        yield GaugeMetricFamily("ingestd_open_file_handles", "Devices with open file handles",
+                                value=self._open_handles())
+        yield GaugeMetricFamily("ingestd_storage_ok", "1 while storage accepts writes",
+                                value=1 if stats.storage_ok else 0)
