@@ -14,12 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
 from ingestd.devices import DeviceRegistry
-from ingestd.errors import BodyTooLarge, IngestError
+from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
+from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
 from ingestd.logs import setup_logging
 from ingestd.metrics import Metrics
 from ingestd.pipeline import Pipeline
 from ingestd.protocols import jsonpost, wattmon
-from ingestd.records import Outcome
 from ingestd.sinks.file import FileSink
 from ingestd.sinks.housekeeping import Retention, sweep
 
@@ -27,10 +27,27 @@ log = logging.getLogger("ingestd.http")
 
 
 class LiveConfig:
-    """The running config; SIGHUP swaps `current` for a reloaded one."""
+    """The running config and what is compiled from it; SIGHUP swaps both."""
 
     def __init__(self, config: Config) -> None:
+        self.limiters = {
+            wattmon.PROTOCOL: RateLimiter(0, 1),
+            jsonpost.PROTOCOL: RateLimiter(0, 1),
+        }
+        self.set(config)
+
+    def set(self, config: Config) -> None:
         self.current = config
+        self.trusted_proxies = networks(config.server.trusted_proxies)
+        self.policies = {
+            wattmon.PROTOCOL: RoutePolicy.of(config.wattmon),
+            jsonpost.PROTOCOL: RoutePolicy.of(config.json),
+        }
+        macs = config.wattmon.allowed_macs
+        self.allowed_macs = frozenset(wattmon.normalise_mac(m.encode()) for m in macs) or None
+        self.allowed_streams = frozenset(config.json.allowed_streams) or None
+        for protocol, section in ((wattmon.PROTOCOL, config.wattmon), (jsonpost.PROTOCOL, config.json)):
+            self.limiters[protocol].configure(section.rate_limit_per_min, section.rate_limit_burst)
 
 
 CONFIG = web.AppKey("config", LiveConfig)
@@ -70,7 +87,7 @@ def reload_config(app: web.Application, new: Config) -> tuple[list[str], list[st
     """
     live = app[CONFIG]
     changed = changed_settings(live.current, new)
-    live.current = keep_restart_only(live.current, new)
+    live.set(keep_restart_only(live.current, new))
     app[PIPELINE].set_enqueue_timeout(live.current.storage.enqueue_timeout_secs)
     setup_logging(live.current.log.level, live.current.log.format)
     return changed, [key for key in changed if key not in RELOADABLE]
@@ -137,59 +154,90 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def dispatch(request: web.Request) -> web.Response:
-    config = request.app[CONFIG].current
+    """Route a device request, after the checks that need no body."""
+    live = request.app[CONFIG]
+    config = live.current
     if request.path in config.wattmon.paths:
-        request[PROTOCOL_OF] = wattmon.PROTOCOL
-        if request.method != hdrs.METH_POST:
-            raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
-        return await wattmon_post(request, config)
-    if config.json.enabled:
-        request[PROTOCOL_OF] = jsonpost.PROTOCOL
-        if request.method != hdrs.METH_POST:
-            raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
-        return await json_post(request, config)
-    raise web.HTTPNotFound()
+        protocol = wattmon.PROTOCOL
+    elif config.json.enabled:
+        protocol = jsonpost.PROTOCOL
+    else:
+        raise web.HTTPNotFound()
+    request[PROTOCOL_OF] = protocol
+    if request.method != hdrs.METH_POST:
+        raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
+    remote = client_address(
+        request.remote or "", request.headers.get("X-Forwarded-For"), live.trusted_proxies
+    )
+    policy = live.policies[protocol]
+    policy.check_network(remote)
+    policy.check_token(request.query_string, request.headers.get(hdrs.AUTHORIZATION))
+    if protocol == wattmon.PROTOCOL:
+        return await wattmon_post(request, live)
+    return await json_post(request, live, remote)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing more than `limit` bytes without reading it all."""
+async def read_body(request: web.Request, config: Config) -> bytes:
+    """The whole body; refuses more than max_body_bytes, or a body that trickles."""
+    limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body over {limit} bytes")
     chunks = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"request body over {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(config.server.body_timeout_secs):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"request body over {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout("request body too slow") from None
     return b"".join(chunks)
 
 
-async def wattmon_post(request: web.Request, config: Config) -> web.Response:
+async def wattmon_post(request: web.Request, live: LiveConfig) -> web.Response:
     app = request.app
-    body = await read_body(request, config.server.max_body_bytes)
+    config = live.current
+    body = await read_body(request, config)
+    now = app[CLOCK]()
     item = wattmon.parse(
         body,
         request.headers.get(hdrs.CONTENT_TYPE, ""),
-        received_at=app[CLOCK](),
+        received_at=now,
         require_md5=config.wattmon.require_md5,
+        max_rows=config.wattmon.max_rows,
+        max_columns=config.wattmon.max_columns,
     )
-    outcome = "empty" if item is None else (await app[PIPELINE].submit(item)).value
-    request[OUTCOME_OF] = outcome
+    if item is None:
+        request[OUTCOME_OF] = "empty"
+        return web.Response(text=OK_BODY)
+    if live.allowed_macs is not None and item.device_id not in live.allowed_macs:
+        raise Forbidden("device not allowed")
+    live.limiters[wattmon.PROTOCOL].check(item.device_id, now)
+    outcome = await app[PIPELINE].submit(item)
+    request[OUTCOME_OF] = outcome.value
     return web.Response(text=OK_BODY)
 
 
-async def json_post(request: web.Request, config: Config) -> web.Response:
+async def json_post(request: web.Request, live: LiveConfig, remote: str) -> web.Response:
     app = request.app
-    body = await read_body(request, config.server.max_body_bytes)
+    config = live.current
+    stream = jsonpost.stream_name(request.path)
+    if live.allowed_streams is not None and stream not in live.allowed_streams:
+        raise Forbidden("stream not allowed")
+    now = app[CLOCK]()
+    live.limiters[jsonpost.PROTOCOL].check(stream, now)
+    body = await read_body(request, config)
     record = jsonpost.parse(
         body,
         path=request.path,
-        remote=request.remote or "",
-        received_at=app[CLOCK](),
+        remote=remote,
+        received_at=now,
         idempotency_key=request.headers.get("Idempotency-Key"),
+        max_depth=config.json.max_depth,
     )
-    outcome: Outcome = await app[PIPELINE].submit(record)
+    outcome = await app[PIPELINE].submit(record)
     request[OUTCOME_OF] = outcome.value
     return web.Response(text=OK_BODY)
 
@@ -228,6 +276,8 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
             exc.status, exc.code, _safe(request.path), _safe(request.remote or ""),
         )
         response = error_response(exc.status, exc.message, exc.retry_after_secs)
+        if exc.status == 401:
+            response.headers[hdrs.WWW_AUTHENTICATE] = 'Basic realm="ingestd"'
         outcome = exc.code
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -6,6 +6,7 @@ Every setting has a default, so an empty file (or none) is a working config.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import types
@@ -13,6 +14,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from ingestd.errors import BadDeviceKey
+from ingestd.protocols.wattmon import normalise_mac
 
 MiB = 1024 * 1024
 
@@ -30,6 +34,15 @@ class ServerConfig:
     # PEM files; both set serves HTTPS. Re-read on SIGHUP (renewed certs).
     tls_cert: str = ""
     tls_key: str = ""
+    # Slow clients: a request's headers must be complete within
+    # keepalive_timeout_secs of the connection opening (or of the previous
+    # answer), its body within body_timeout_secs; idle connections close
+    # after keepalive_timeout_secs. A client that trickles is cut.
+    keepalive_timeout_secs: float = 30.0
+    body_timeout_secs: float = 120.0
+    max_header_bytes: int = 8190  # one request line or header field
+    # Proxies (CIDR) whose X-Forwarded-For is believed; nobody's by default.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,17 +71,38 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class WattmonConfig:
+class RouteAccess:
+    """Who may post to a route; every list empty means everyone."""
+
+    # A shared secret, given as ?token=, as the password (or user) of basic
+    # auth in the URL, or as `Authorization: Bearer`. `token_file` keeps it
+    # out of the config file.
+    token: str = ""
+    token_file: str = ""
+    allowed_networks: tuple[str, ...] = ()  # CIDR, e.g. "10.20.0.0/16"
+    # Blocks per minute per device (token bucket); 0: no limit.
+    rate_limit_per_min: float = 0.0
+    rate_limit_burst: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class WattmonConfig(RouteAccess):
     # /export-script.php lets a fleet pointed at the PHP sample move by
     # changing only the host.
     paths: tuple[str, ...] = ("/wattmon", "/export-script.php")
     require_md5: bool = False
+    allowed_macs: tuple[str, ...] = ()  # any spelling; empty: every device
+    allowed_macs_file: str = ""  # one MAC a line, `#` comments; re-read on SIGHUP
+    max_rows: int = 100_000
+    max_columns: int = 1_000
 
 
 @dataclass(frozen=True, slots=True)
-class JsonConfig:
+class JsonConfig(RouteAccess):
     # Any POST to a path that is not a Wattmon path is a JSON document.
     enabled: bool = True
+    allowed_streams: tuple[str, ...] = ()  # empty: every stream
+    max_depth: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +144,34 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return validate(_build(Config, raw, ""))
+    return validate(_read_files(_build(Config, raw, "")))
+
+
+def _read_files(config: Config) -> Config:
+    """Fold `token_file` and `allowed_macs_file` into the settings they feed."""
+    sections = {}
+    for name in ("wattmon", "json"):
+        section = getattr(config, name)
+        if section.token_file:
+            token = _read_text(f"{name}.token_file", section.token_file).strip()
+            if not token:
+                raise ConfigError(f"{name}.token_file: {section.token_file} is empty")
+            section = dataclasses.replace(section, token=token)
+        if name == "wattmon" and section.allowed_macs_file:
+            text = _read_text("wattmon.allowed_macs_file", section.allowed_macs_file)
+            listed = [line.split("#")[0].strip() for line in text.splitlines()]
+            macs = section.allowed_macs + tuple(mac for mac in listed if mac)
+            section = dataclasses.replace(section, allowed_macs=macs)
+        sections[name] = section
+    return dataclasses.replace(config, **sections)
+
+
+def _read_text(name: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc}") from exc
 
 
 def with_overrides(config: Config, *, listen: str | None, data_dir: str | None) -> Config:
@@ -146,6 +207,23 @@ def validate(config: Config) -> Config:
         _positive(f"storage.{name}", getattr(st, name))
     if st.retention_days < 0 or st.retention_max_bytes < 0:
         raise ConfigError("storage.retention_*: must be 0 (off) or more")
+    for name in ("body_timeout_secs", "keepalive_timeout_secs", "max_header_bytes"):
+        _positive(f"server.{name}", getattr(config.server, name))
+    _networks("server.trusted_proxies", config.server.trusted_proxies)
+    for section_name in ("wattmon", "json"):
+        section = getattr(config, section_name)
+        _networks(f"{section_name}.allowed_networks", section.allowed_networks)
+        if section.rate_limit_per_min < 0:
+            raise ConfigError(f"{section_name}.rate_limit_per_min: must be 0 (off) or more")
+        _positive(f"{section_name}.rate_limit_burst", section.rate_limit_burst)
+    for mac in config.wattmon.allowed_macs:
+        try:
+            normalise_mac(mac.encode())
+        except BadDeviceKey:
+            raise ConfigError(f"wattmon.allowed_macs: {mac!r} is not a MAC address") from None
+    _positive("wattmon.max_rows", config.wattmon.max_rows)
+    _positive("wattmon.max_columns", config.wattmon.max_columns)
+    _positive("json.max_depth", config.json.max_depth)
     if bool(config.server.tls_cert) != bool(config.server.tls_key):
         raise ConfigError("server.tls_cert and server.tls_key: set both or neither")
     for path in config.wattmon.paths:
@@ -162,6 +240,22 @@ RESERVED_PATHS = ("/healthz", "/metrics")
 RELOADABLE = frozenset(
     {
         "server.max_body_bytes",
+        "server.body_timeout_secs",
+        "server.trusted_proxies",
+        *(
+            f"{route}.{name}"
+            for route in ("wattmon", "json")
+            for name in (
+                "token", "token_file", "allowed_networks", "rate_limit_per_min",
+                "rate_limit_burst",
+            )
+        ),
+        "wattmon.allowed_macs",
+        "wattmon.allowed_macs_file",
+        "wattmon.max_rows",
+        "wattmon.max_columns",
+        "json.allowed_streams",
+        "json.max_depth",
         "server.tls_cert",
         "server.tls_key",
         "storage.enqueue_timeout_secs",
@@ -200,6 +294,14 @@ def keep_restart_only(old: Config, new: Config) -> Config:
         }
         sections[section.name] = dataclasses.replace(after, **kept)
     return Config(**sections)
+
+
+def _networks(name: str, values: tuple[str, ...]) -> None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {value!r} is not an address or CIDR network") from exc
 
 
 def _positive(name: str, value: float) -> None:

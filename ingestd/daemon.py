@@ -46,6 +46,9 @@ class Daemon:
             handle_signals=False,
             access_log=None,
             shutdown_timeout=config.server.shutdown_timeout_secs,
+            keepalive_timeout=config.server.keepalive_timeout_secs,
+            max_line_size=config.server.max_header_bytes,
+            max_field_size=config.server.max_header_bytes,
         )
         try:
             if config.server.tls_cert:
@@ -105,7 +108,7 @@ class Daemon:
         self._notifier.reloading()
         try:
             try:
-                new = self._load()
+                new = await asyncio.to_thread(self._load)  # reads files
             except ConfigError as exc:
                 log.error("reload_refused error=%s: keeping the running config", ascii(str(exc)))
                 return

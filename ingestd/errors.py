@@ -90,3 +90,35 @@ class MalformedBlock(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Unauthorized(IngestError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self) -> None:
+        super().__init__("unauthorized")
+
+
+class Forbidden(IngestError):
+    status = 403
+    code = "forbidden"
+
+
+class RateLimited(IngestError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, retry_after_secs: int) -> None:
+        super().__init__("too many requests from this device; retry later")
+        self.retry_after_secs = retry_after_secs
+
+
+class RequestTimeout(IngestError):
+    status = 408
+    code = "too_slow"
+
+
+class BlockTooLarge(IngestError):
+    status = 413
+    code = "too_large"

@@ -37,6 +37,28 @@ def rfc3339(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
+def nesting_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects, outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -48,8 +70,11 @@ def parse(
     remote: str,
     received_at: float,
     idempotency_key: str | None = None,
+    max_depth: int = 64,
 ) -> Record:
     stream = stream_name(path)
+    if body.count(b"[") + body.count(b"{") > max_depth and nesting_depth(body) > max_depth:
+        raise BadJson(f"JSON nested deeper than {max_depth} levels")
     try:
         text = body.decode("utf-8")
         json.loads(text, parse_constant=_reject_constant)

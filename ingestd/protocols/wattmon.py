@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import re
 
-from ingestd.errors import BadDeviceKey, MalformedBlock, Md5Mismatch, MissingMd5
+from ingestd.errors import BadDeviceKey, BlockTooLarge, MalformedBlock, Md5Mismatch, MissingMd5
 from ingestd.protocols.forms import parse_form
 from ingestd.records import Quarantined, Record
 
@@ -29,7 +29,13 @@ def normalise_mac(raw: bytes) -> str:
 
 
 def parse(
-    body: bytes, content_type: str, *, received_at: float, require_md5: bool
+    body: bytes,
+    content_type: str,
+    *,
+    received_at: float,
+    require_md5: bool,
+    max_rows: int = 100_000,
+    max_columns: int = 1_000,
 ) -> Record | Quarantined | None:
     """One POST to a block to store, a block to quarantine, or None (no data)."""
     fields = parse_form(body, content_type, FIELDS)
@@ -46,8 +52,10 @@ def parse(
         raise MissingMd5("md5sum missing")
     if not data:
         return None  # what the sample receiver does: OK, nothing stored
+    if data.count(b"\n") > max_rows + 1 or data.count(b"\r") > max_rows + 1:
+        raise BlockTooLarge(f"block has more than {max_rows} rows")
     try:
-        header, rows, count = split_block(data)
+        header, rows, count = split_block(data, max_columns=max_columns)
     except MalformedBlock as exc:
         return Quarantined(PROTOCOL, mac, received_at, data, exc.reason, md5)
     if not count:
@@ -55,7 +63,7 @@ def parse(
     return Record(PROTOCOL, mac, received_at, rows, header=header, dedup_key=md5, count=count)
 
 
-def split_block(data: bytes) -> tuple[bytes, bytes, int]:
+def split_block(data: bytes, max_columns: int = 1_000) -> tuple[bytes, bytes, int]:
     """CSV block to (header line, row lines, row count), line endings as `\\n`.
 
     Rows are kept byte for byte; the csv module only checks that every row
@@ -79,6 +87,8 @@ def split_block(data: bytes) -> tuple[bytes, bytes, int]:
     if len(parsed) != len(lines):
         raise MalformedBlock("a quoted field spans lines")
     header = parsed[0]
+    if len(header) > max_columns:
+        raise BlockTooLarge(f"block has more than {max_columns} columns")
     if not header or header[0][:1].isdigit():
         raise MalformedBlock("no header row (first line starts with a value)")
     width = len(header)
