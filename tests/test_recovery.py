@@ -4,7 +4,11 @@ directory taken while the sink was running (files not yet checkpointed)."""
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import make_config
@@ -80,7 +84,8 @@ async def test_torn_frame_at_the_end_of_the_log_is_ignored(tmp_path):
 
 async def test_keys_survive_a_crash_so_resends_are_not_stored_twice(tmp_path):
     image = await crash_image(tmp_path, [[record(0), record(1), record(2), record(3)]])
-    (image / "wattmon" / MAC / ".ingestd-keys").unlink()  # never reached the disk
+    # The keys are written to their file at checkpoints: the log has them.
+    (image / "wattmon" / MAC / ".ingestd-keys").unlink(missing_ok=True)
     sink = await open_sink(image)
     assert await sink.commit([record(2)]) == [Outcome.DUPLICATE]
     await sink.close()
@@ -105,13 +110,29 @@ async def test_clean_stop_leaves_an_empty_log(tmp_path):
     assert (tmp_path / "d" / WAL_NAME).stat().st_size == 0
 
 
+@contextlib.contextmanager
+def file_size_limit(max_bytes: int) -> Iterator[None]:
+    """Writes past `max_bytes` fail with EFBIG, as on a filesystem quota."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
 async def test_write_refused_after_logging_stays_refused_after_a_crash(tmp_path):
     live = tmp_path / "live"
     sink = await open_sink(live)
-    assert await sink.commit([record(0)]) == [Outcome.STORED]
-    with open(csv_file(live), "ab") as fh:
-        fh.write(b"foreign,bytes\n")  # someone else wrote: our offsets are stale
-    [refused] = await sink.commit([record(1)])
+    big = Record("wattmon", MAC, T0, b"2026-11-21 07:00:00," + b"x" * 100_000 + b"\n",
+                 header=b"Time,Seq\n", dedup_key="f" * 32)
+    assert await sink.commit([big]) == [Outcome.STORED]
+    await sink.close()  # the log is empty again; the device file is 100 KB
+    sink = await open_sink(live)
+    with file_size_limit(50_000):  # the small log write passes, the file write fails
+        [refused] = await sink.commit([record(1)])
     assert not isinstance(refused, Outcome)  # answered 503: the device will resend
     image = tmp_path / "image"
     shutil.copytree(live, image)
@@ -120,5 +141,4 @@ async def test_write_refused_after_logging_stays_refused_after_a_crash(tmp_path)
     # The refused block was rolled back, so its resend is stored, not dropped.
     assert await recovered.commit([record(1)]) == [Outcome.STORED]
     await recovered.close()
-    text = csv_file(image).read_text()
-    assert text.count("2026-11-21 08:00:01,1\n") == 1
+    assert csv_file(image).read_bytes().count(b"2026-11-21 08:00:01,1\n") == 1

@@ -117,3 +117,14 @@ async def test_unusable_device_path_is_503_for_that_device_only(client, tmp_path
     assert (await resp.text()).startswith("ERROR: ")
     other = await client.post("/wattmon", data=wattmon_form("00aabbccddee", block(1)), headers=FORM)
     assert (other.status, await other.text()) == (200, "OK")
+
+
+async def test_file_appended_by_someone_else_is_reloaded_not_corrupted(client, tmp_path):
+    await client.post("/wattmon", data=wattmon_form(MAC, block(1)), headers=FORM)
+    path = tmp_path / "data" / "wattmon" / MAC / "2026-11-21.csv"
+    with open(path, "a") as fh:
+        fh.write("2026-11-21 09:00:00,foreign,row\n")
+    resp = await client.post("/wattmon", data=wattmon_form(MAC, block(2)), headers=FORM)
+    assert (resp.status, await resp.text()) == (200, "OK")
+    lines = path.read_text().splitlines()
+    assert lines[-2:] == ["2026-11-21 09:00:00,foreign,row", block(2).splitlines()[1]]

@@ -91,5 +91,8 @@ def parse(
     ).encode()
     dedup_key = None
     if idempotency_key:
-        dedup_key = hashlib.sha256(idempotency_key.encode("utf-8", "replace")).hexdigest()[:32]
+        # surrogatepass: keys with bytes that are not UTF-8 (aiohttp decodes
+        # headers with surrogateescape) stay distinct.
+        raw_key = idempotency_key.encode("utf-8", "surrogatepass")
+        dedup_key = hashlib.sha256(raw_key).hexdigest()[:32]
     return Record(PROTOCOL, stream, received_at, line, dedup_key=dedup_key)

@@ -42,7 +42,9 @@ class DeviceFiles:
         "_created_file",
         "_fd",
         "_fd_name",
+        "_fd_ino",
         "_keys_fd",
+        "_pending_keys",
         "current",
         "dirty",
         "ext",
@@ -61,7 +63,11 @@ class DeviceFiles:
         self._created_file = False  # the folder's entries need an fsync too
         self._fd: int | None = None
         self._fd_name: FileName | None = None
+        self._fd_ino = 0
         self._keys_fd: int | None = None
+        # Keys of stored blocks not yet in the key file: the log holds them
+        # until the next checkpoint, which writes them (one write a device).
+        self._pending_keys: list[str] = []
 
     # -- loading -------------------------------------------------------------
 
@@ -162,14 +168,16 @@ class DeviceFiles:
     # -- applying (disk) -------------------------------------------------------
 
     def intact(self) -> bool:
-        """False when the open file was moved or deleted under us (logrotate)."""
-        if self._fd is None or self._fd_name is None:
+        """False when the open file was moved, deleted or written by someone
+        else under us (logrotate, an operator): then the folder is reloaded."""
+        if self._fd is None or self._fd_name is None or self.current is None:
             return self.folder.is_dir()
         try:
             on_disk = os.stat(self.folder / self._fd_name.name)
         except FileNotFoundError:
             return False
-        return on_disk.st_ino == os.fstat(self._fd).st_ino
+        same_size = self.current.name != self._fd_name or on_disk.st_size == self.current.size
+        return on_disk.st_ino == self._fd_ino and same_size
 
     def apply(self, writes: list[PlannedWrite]) -> None:
         """Append the planned bytes; on error leave no partial bytes and raise."""
@@ -183,8 +191,6 @@ class DeviceFiles:
                 first = writes[start]
                 fd = self._open(first.file)
                 done.append((first.file, first.offset))
-                if os.fstat(fd).st_size != first.offset:
-                    raise OSError(f"{first.file.name} changed size under the daemon")
                 write_all(fd, b"".join(w.data for w in writes[start:end]))
                 start = end
             self._append_keys(writes)
@@ -205,20 +211,24 @@ class DeviceFiles:
             self.folder / name.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE
         )
         self._fd_name = name
+        self._fd_ino = os.fstat(self._fd).st_ino
         self._created_file = True
         return self._fd
 
     def _append_keys(self, writes: list[PlannedWrite]) -> None:
-        lines = "".join(
+        self._pending_keys += [
             f"{w.key} {w.received_at:.3f}\n" for w in writes if w.key is not None
-        )
-        if not lines:
+        ]
+
+    def _flush_keys(self) -> None:
+        if not self._pending_keys:
             return
         if self._keys_fd is None:
             self._keys_fd = os.open(
                 self.folder / KEYS_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
             )
-        write_all(self._keys_fd, lines.encode("ascii"))
+        write_all(self._keys_fd, "".join(self._pending_keys).encode("ascii"))
+        self._pending_keys = []
 
     def _roll_back(self, done: list[tuple[FileName, int]]) -> None:
         for name, offset in done:
@@ -231,6 +241,7 @@ class DeviceFiles:
 
     def sync(self) -> None:
         if self.dirty:
+            self._flush_keys()
             for fd in (self._fd, self._keys_fd):
                 if fd is not None:
                     os.fsync(fd)

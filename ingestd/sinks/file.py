@@ -145,7 +145,9 @@ class FileSink:
                 continue
             ident = (item.protocol, item.device_id)
             try:
-                device = self._device(ident)
+                # Check a device's files once, before this batch plans writes
+                # that make its in-memory size run ahead of the disk.
+                device = self._device(ident, verify=ident not in plans and ident not in duplicates)
             except OSError as exc:
                 results[i] = self._failed(ident, exc)
                 continue
@@ -201,9 +203,9 @@ class FileSink:
         if self.observe is not None:
             self.observe(what, time.perf_counter() - started)
 
-    def _device(self, ident: tuple[str, str]) -> DeviceFiles:
+    def _device(self, ident: tuple[str, str], *, verify: bool) -> DeviceFiles:
         device = self._devices.get(ident)
-        if device is not None and not device.intact():
+        if device is not None and verify and not device.intact():
             log.warning("file_moved_away protocol=%s device=%s: starting a new one", *ident)
             self._drop(ident)
             device = None

@@ -1,0 +1,134 @@
+"""Side-by-side throughput table: ingestd against the bare aiohttp baseline.
+
+    python3 bench/run.py [--runs 3] [--seconds 5] [--connections 64]
+
+Each server is pinned to core 0 (`taskset -c 0`) and wrk to core 1, as in the
+issue. Every cell is the median of `--runs` runs; ingestd starts each run on
+an empty data directory with its defaults (durable: the log is fdatasynced
+before every OK). Requests come from bench/gen_bodies.py: every Wattmon
+block is distinct, so none is answered as a resend. Prints a Markdown table
+with the ratio to the baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BODIES = HERE / "results" / "bodies"
+COLUMNS = [
+    ("Wattmon, keep-alive", "wattmon", False),
+    ("Wattmon, new connection per post", "wattmon", True),
+    ("JSON, keep-alive", "json", False),
+    ("JSON, new connection", "json", True),
+]
+CONTENT_TYPES = {"wattmon": "application/x-www-form-urlencoded", "json": "application/json"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def start_server(name: str, port: int, data_dir: Path, workers: int) -> subprocess.Popen[bytes]:
+    if name == "baseline":
+        command = [sys.executable, str(HERE / "baseline_server.py"), str(port)]
+    else:
+        command = [sys.executable, "-m", "ingestd", "serve", "--listen", f"127.0.0.1:{port}",
+                   "--data-dir", str(data_dir)]
+    cores = "0" if workers == 1 else f"0-{workers - 1}"
+    proc = subprocess.Popen(["taskset", "-c", cores, *command], stderr=subprocess.DEVNULL)
+    wait_listening(port)
+    return proc
+
+
+def wrk(port: int, protocol: str, new_conn: bool, seconds: int, connections: int, core: str) -> dict[str, float]:
+    env = {**os.environ, "BODIES": str(BODIES / f"{protocol}.txt"),
+           "CONTENT_TYPE": CONTENT_TYPES[protocol], "NEW_CONN": "1" if new_conn else "0"}
+    out = subprocess.run(
+        ["taskset", "-c", core, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+         "-s", str(HERE / "replay.lua"), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    result = dict(re.findall(r"(\w+)=(\d+)", out.split("RESULT", 1)[1]))
+    errors = sum(int(result[k]) for k in ("errors_status", "errors_connect", "errors_read"))
+    if int(result["requests"]) >= 200_000:
+        print(f"warning: {protocol} bodies were replayed more than once", file=sys.stderr)
+    return {"rate": rate, "errors": errors, "p99_ms": int(result["p99_us"]) / 1000}
+
+
+def measure(name: str, column: tuple[str, str, bool], args: argparse.Namespace) -> dict[str, float]:
+    _, protocol, new_conn = column
+    results = []
+    for _ in range(args.runs):
+        data_dir = Path(tempfile.mkdtemp(prefix="ingestd-bench-", dir=args.data_root))
+        port = free_port()
+        proc = start_server(name, port, data_dir, args.workers)
+        try:
+            results.append(wrk(port, protocol, new_conn, args.seconds, args.connections,
+                               args.wrk_core))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            shutil.rmtree(data_dir, ignore_errors=True)
+    rate = statistics.median(r["rate"] for r in results)
+    return {"rate": rate, "errors": sum(r["errors"] for r in results),
+            "p99_ms": statistics.median(r["p99_ms"] for r in results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="cores for the server (0..N-1)")
+    parser.add_argument("--wrk-core", default="1")
+    parser.add_argument("--data-root", default=None, help="where ingestd stores during runs")
+    parser.add_argument("--only", choices=["wattmon", "json"], default=None)
+    args = parser.parse_args()
+    if not (BODIES / "wattmon.txt").exists():
+        subprocess.run([sys.executable, str(HERE / "gen_bodies.py"), "--out", str(BODIES)],
+                       check=True)
+    columns = [c for c in COLUMNS if args.only in (None, c[1])]
+    table = {name: [measure(name, column, args) for column in columns]
+             for name in ("baseline", "ingestd")}
+    print(f"\n{args.runs} runs x {args.seconds} s, {args.connections} connections, "
+          f"server on {args.workers} core(s), wrk on core {args.wrk_core}; "
+          f"requests/s (median), p99 latency\n")
+    print("| server | " + " | ".join(c[0] for c in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, cells in table.items():
+        print(f"| {name} | " + " | ".join(
+            f"{c['rate']:,.0f}/s (p99 {c['p99_ms']:.0f} ms)" for c in cells) + " |")
+    ratios = [i["rate"] / b["rate"] for i, b in zip(table["ingestd"], table["baseline"], strict=True)]
+    print("| ingestd / baseline | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    errors = sum(c["errors"] for cells in table.values() for c in cells)
+    if errors:
+        print(f"\nwarning: {errors} errors (non-2xx, connect, read) during the runs", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
