@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,7 +51,34 @@ class LiveConfig:
             self.limiters[protocol].configure(section.rate_limit_per_min, section.rate_limit_burst)
 
 
+class InFlight:
+    """Requests being handled, so a stop can wait for them to finish."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.busy_connections: Counter[object] = Counter()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self, connection: object) -> None:
+        self.count += 1
+        self.busy_connections[connection] += 1
+        self._idle.clear()
+
+    def leave(self, connection: object) -> None:
+        self.count -= 1
+        self.busy_connections[connection] -= 1
+        if self.busy_connections[connection] <= 0:
+            del self.busy_connections[connection]
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
 CONFIG = web.AppKey("config", LiveConfig)
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 CLOCK = web.AppKey("clock", Callable[[], float])
 PIPELINE = web.AppKey("pipeline", Pipeline)
 SINK = web.AppKey("sink", FileSink)
@@ -70,6 +98,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app[CLOCK] = clock
     app[DEVICES] = DeviceRegistry()
     app[METRICS] = Metrics()
+    app[IN_FLIGHT] = InFlight()
     # The pipeline context is registered first, so it is torn down last.
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
@@ -265,8 +294,18 @@ def error_response(status: int, message: str, retry_after: int | None = None) ->
 async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     """Every refusal is `ERROR: ...` text, so a Wattmon device resends.
 
-    Also counts each device request by protocol and outcome for /metrics.
+    Also counts each device request by protocol and outcome for /metrics,
+    and the requests in flight, which a stop waits for.
     """
+    in_flight = request.app[IN_FLIGHT]
+    in_flight.enter(request.protocol)
+    try:
+        return await _answer(request, handler)
+    finally:
+        in_flight.leave(request.protocol)
+
+
+async def _answer(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
         outcome = request.get(OUTCOME_OF)

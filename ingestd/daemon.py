@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ingestd.app import DEVICES, PIPELINE, SINK, make_app, reload_config
+from ingestd.app import DEVICES, IN_FLIGHT, PIPELINE, SINK, make_app, reload_config
 from ingestd.config import Config, ConfigError, parse_listen
 from ingestd.systemd import Notifier, listen_sockets
 from ingestd.tls import reload_certificate, server_context
@@ -77,10 +77,33 @@ class Daemon:
         self._notifier.stopping()
         for task in self._tasks:
             task.cancel()
+        await self._drain(runner)
         await runner.cleanup()
         self._notifier.close()
         log.info("stopped: all queued records stored, files closed")
         return 0
+
+    async def _drain(self, runner: web.AppRunner) -> None:
+        """Stop accepting, then let requests in flight finish, bodies included.
+
+        aiohttp's own cleanup stops reading from open connections at once, so
+        a device whose body was still arriving would get no answer; wait for
+        the handlers first, within the shutdown timeout.
+        """
+        for site in list(runner.sites):
+            await site.stop()
+        in_flight = self._app[IN_FLIGHT]
+        if runner.server is not None:
+            for connection in runner.server.connections:
+                if connection not in in_flight.busy_connections:
+                    connection.force_close()  # idle keep-alive: nothing to finish
+        if in_flight.count:
+            log.info("draining requests=%d", in_flight.count)
+            try:
+                async with asyncio.timeout(self._config.server.shutdown_timeout_secs):
+                    await in_flight.wait_idle()
+            except TimeoutError:
+                log.warning("drain_timeout requests=%d: cancelling them", in_flight.count)
 
     async def _start_sites(self, runner: web.AppRunner) -> None:
         sockets = listen_sockets()
