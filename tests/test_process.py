@@ -28,6 +28,7 @@ import aiohttp
 import pytest
 
 import ingestd
+from ingestd.sinks.wal import read_log
 
 DAEMON = (sys.executable, "-m", "ingestd")
 # The daemon must not think systemd started it, whatever runs the tests.
@@ -541,8 +542,8 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 
 def wal_size(data_dir: Path) -> int:
-    path = data_dir / ".ingestd-wal"
-    return path.stat().st_size if path.exists() else 0
+    """Frames the write-ahead log still holds: none after a clean stop."""
+    return len(read_log(data_dir)[1])
 
 
 # -- 1. the command line -----------------------------------------------------------------
@@ -721,7 +722,7 @@ async def test_sigterm_finishes_a_request_held_mid_upload(tmp_path, start_daemon
     device.next_block()
     device.acknowledge(device.blocks[0])
     await asyncio.to_thread(check_store, data_dir, [device], [], complete=True)
-    assert wal_size(data_dir) == 0
+    assert await asyncio.to_thread(wal_size, data_dir) == 0
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -761,7 +762,7 @@ async def test_stop_signal_under_load_stores_every_acknowledged_record(
     assert "stopped" in daemon.lines[-1], daemon.log()
     assert after_signal > 0, "no request was in flight at the signal"
     await asyncio.to_thread(check_store, data_dir, devices, streams)
-    assert wal_size(data_dir) == 0
+    assert await asyncio.to_thread(wal_size, data_dir) == 0
 
     # The keys were saved at the clean stop: resends are still recognised.
     daemon = await start_daemon(data_dir)
@@ -870,7 +871,7 @@ async def test_sigkill_loop_loses_and_duplicates_nothing_acknowledged(
     assert await daemon.stop() == 0, daemon.log()
     assert "stopped" in daemon.lines[-1], daemon.log()
     await asyncio.to_thread(check_store, data_dir, devices, streams, complete=True)
-    assert wal_size(data_dir) == 0
+    assert await asyncio.to_thread(wal_size, data_dir) == 0
     sent = sum(len(d.blocks) for d in devices)
     assert sent > rounds * 50  # the loop did store real load
 

@@ -4,6 +4,7 @@ directory taken while the sink was running (files not yet checkpointed)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import resource
 import shutil
@@ -16,7 +17,7 @@ from conftest import make_config
 from ingestd.protocols.wattmon import split_block
 from ingestd.records import Outcome, Record
 from ingestd.sinks.file import FileSink
-from ingestd.sinks.wal import WAL_NAME, Frame
+from ingestd.sinks.wal import WAL_NAME, Frame, decode_frames, read_log
 
 T0 = 1_795_248_000.0
 MAC = "001122334455"
@@ -42,7 +43,7 @@ async def crash_image(tmp_path: Path, batches: list[list[Record]]) -> Path:
     image = tmp_path / "image"
     shutil.copytree(live, image)
     await sink.close()
-    assert (image / WAL_NAME).stat().st_size > 0, "the image should need a replay"
+    assert (await asyncio.to_thread(read_log, image))[1], "the image should need a replay"
     return image
 
 
@@ -75,8 +76,10 @@ async def test_torn_unacknowledged_tail_is_cut(tmp_path, caplog):
 async def test_torn_frame_at_the_end_of_the_log_is_ignored(tmp_path):
     image = await crash_image(tmp_path, [[record(0), record(1), record(2), record(3)]])
     frame = Frame(f"wattmon/{MAC}/2026-11-21.csv", 999, None, T0, b"never,acknowledged\n")
-    with open(image / WAL_NAME, "ab") as fh:
-        fh.write(frame.encode()[:-5])
+    epoch, _, end = decode_frames(await asyncio.to_thread((image / WAL_NAME).read_bytes))
+    with open(image / WAL_NAME, "r+b") as fh:
+        fh.seek(end)
+        fh.write(frame.encode(epoch)[:-5])
     sink = await open_sink(image)
     await sink.close()
     assert csv_file(image).read_text() == EXPECTED
@@ -95,8 +98,9 @@ async def test_keys_survive_a_crash_so_resends_are_not_stored_twice(tmp_path):
 async def test_log_paths_outside_the_data_dir_are_refused(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
+    marker = Frame(".", 0, None, 0.0, b"")
     evil = Frame("wattmon/../../escape/2026-11-21.csv", 0, None, T0, b"x\n")
-    (data / WAL_NAME).write_bytes(evil.encode())
+    (data / WAL_NAME).write_bytes(marker.encode(7) + evil.encode(7))
     sink = await open_sink(data)
     await sink.close()
     assert not (tmp_path / "escape").exists()
@@ -107,7 +111,7 @@ async def test_clean_stop_leaves_an_empty_log(tmp_path):
     sink = await open_sink(tmp_path / "d")
     await sink.commit([record(0)])
     await sink.close()
-    assert (tmp_path / "d" / WAL_NAME).stat().st_size == 0
+    assert (await asyncio.to_thread(read_log, tmp_path / "d"))[1] == []
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from ingestd.sinks.device import (
     fsync_dir,
 )
 from ingestd.sinks.rotation import parse_file_name
-from ingestd.sinks.wal import Frame, WriteAheadLog, read_frames
+from ingestd.sinks.wal import Frame, WriteAheadLog, read_log
 
 log = logging.getLogger("ingestd.storage")
 
@@ -81,8 +81,8 @@ class FileSink:
 
     def _open_blocking(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.recover()
-        self._wal = WriteAheadLog(self.data_dir, sync=self._sync)
+        epoch = self.recover()
+        self._wal = WriteAheadLog(self.data_dir, sync=self._sync, epoch=epoch)
 
     async def close(self) -> None:
         """Sync and close everything; the log ends empty (a clean stop)."""
@@ -275,11 +275,15 @@ class FileSink:
         self._wal.reset()
         self._last_checkpoint = time.monotonic()
 
-    def recover(self) -> None:
-        """Replay the log of an unclean stop: restore, cut torn tails, sync."""
+    def recover(self) -> int:
+        """Replay the log of an unclean stop: restore, cut torn tails, sync.
+
+        Returns the log's epoch, so the next log is told apart from it.
+        """
         ends: dict[Path, int] = {}
         keys: dict[Path, list[tuple[str, float]]] = {}
-        for frame in read_frames(self.data_dir):
+        epoch, frames = read_log(self.data_dir)
+        for frame in frames:
             path = self._checked_path(frame.relpath)
             if path is None:
                 log.error("wal_bad_path path=%s: skipped", json.dumps(frame.relpath))
@@ -324,8 +328,7 @@ class FileSink:
             fsync_dir(folder.parent)
         if ends:
             log.warning("recovered_from_log files=%d", len(ends))
-        with contextlib.suppress(FileNotFoundError):
-            os.truncate(self.data_dir / ".ingestd-wal", 0)
+        return epoch
 
     def _checked_path(self, relpath: str) -> Path | None:
         """A logged path, only if it names a device file inside the data dir."""
