@@ -19,6 +19,7 @@ from ingestd.config import RouteAccess
 from ingestd.errors import Forbidden, RateLimited, Unauthorized
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+SWEEP_AT = 4 * 65536  # rate-limit buckets before the first sweep
 
 
 def networks(values: Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -106,6 +107,7 @@ class RateLimiter:
 
     def __init__(self, per_min: float, burst: int) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # id -> (tokens, at)
+        self._sweep_at = SWEEP_AT
         self.configure(per_min, burst)
 
     def configure(self, per_min: float, burst: int) -> None:
@@ -126,12 +128,17 @@ class RateLimiter:
             self._buckets[device] = (tokens, now)
             raise RateLimited(max(1, math.ceil((1.0 - tokens) / self._rate)))
         self._buckets[device] = (tokens - 1.0, now)
-        if len(self._buckets) > 4 * 65536:
+        if len(self._buckets) > self._sweep_at:
             self._forget_full(now)
 
     def _forget_full(self, now: float) -> None:
-        """Drop buckets that have refilled: they hold no information."""
+        """Drop buckets that have refilled: they hold no information.
+
+        The next sweep waits until the table has doubled, so sweeps stay
+        amortised O(1) a request even when nothing can be dropped.
+        """
         refill = self._burst / self._rate
         self._buckets = {
             device: bucket for device, bucket in self._buckets.items() if now - bucket[1] < refill
         }
+        self._sweep_at = max(SWEEP_AT, 2 * len(self._buckets))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -195,8 +197,10 @@ async def dispatch(request: web.Request) -> web.Response:
     request[PROTOCOL_OF] = protocol
     if request.method != hdrs.METH_POST:
         raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
+    # Every X-Forwarded-For line: a proxy may add its own after a forged one.
+    forwarded = request.headers.getall("X-Forwarded-For", None)
     remote = client_address(
-        request.remote or "", request.headers.get("X-Forwarded-For"), live.trusted_proxies
+        request.remote or "", ", ".join(forwarded) if forwarded else None, live.trusted_proxies
     )
     policy = live.policies[protocol]
     policy.check_network(remote)
@@ -225,18 +229,36 @@ async def read_body(request: web.Request, config: Config) -> bytes:
     return b"".join(chunks)
 
 
+# Devices send a few KiB; parsing that inline is cheaper than a thread hop.
+# A body larger than this (up to max_body_bytes) is parsed in a thread, so a
+# hostile 8 MiB body cannot stall every other device for a second.
+INLINE_PARSE_BYTES = 64 * 1024
+
+T = TypeVar("T")
+
+
+async def off_loop_if_large(size: int, parse: Callable[[], T]) -> T:
+    if size <= INLINE_PARSE_BYTES:
+        return parse()
+    return await asyncio.to_thread(parse)
+
+
 async def wattmon_post(request: web.Request, live: LiveConfig) -> web.Response:
     app = request.app
     config = live.current
     body = await read_body(request, config)
     now = app[CLOCK]()
-    item = wattmon.parse(
-        body,
-        request.headers.get(hdrs.CONTENT_TYPE, ""),
-        received_at=now,
-        require_md5=config.wattmon.require_md5,
-        max_rows=config.wattmon.max_rows,
-        max_columns=config.wattmon.max_columns,
+    item = await off_loop_if_large(
+        len(body),
+        functools.partial(
+            wattmon.parse,
+            body,
+            request.headers.get(hdrs.CONTENT_TYPE, ""),
+            received_at=now,
+            require_md5=config.wattmon.require_md5,
+            max_rows=config.wattmon.max_rows,
+            max_columns=config.wattmon.max_columns,
+        ),
     )
     if item is None:
         request[OUTCOME_OF] = "empty"
@@ -258,13 +280,17 @@ async def json_post(request: web.Request, live: LiveConfig, remote: str) -> web.
     now = app[CLOCK]()
     live.limiters[jsonpost.PROTOCOL].check(stream, now)
     body = await read_body(request, config)
-    record = jsonpost.parse(
-        body,
-        path=request.path,
-        remote=remote,
-        received_at=now,
-        idempotency_key=request.headers.get("Idempotency-Key"),
-        max_depth=config.json.max_depth,
+    record = await off_loop_if_large(
+        len(body),
+        functools.partial(
+            jsonpost.parse,
+            body,
+            path=request.path,
+            remote=remote,
+            received_at=now,
+            idempotency_key=request.headers.get("Idempotency-Key"),
+            max_depth=config.json.max_depth,
+        ),
     )
     outcome = await app[PIPELINE].submit(record)
     request[OUTCOME_OF] = outcome.value

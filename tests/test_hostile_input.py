@@ -398,16 +398,6 @@ async def max_loop_lag(coro):
 EIGHT_MIB = 8 * 1024 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "the parsers run on the event loop: a body of max_body_bytes costs about a second of "
-        "pure-Python work (jsonpost.nesting_depth scans byte by byte; forms._unquote falls "
-        "back to urllib.parse.unquote_to_bytes on one invalid escape), during which no other "
-        "device is served"
-    ),
-)
 @pytest.mark.parametrize(
     "path,body,headers",
     [

@@ -73,15 +73,16 @@ def parse(
     max_depth: int = 64,
 ) -> Record:
     stream = stream_name(path)
-    if body.count(b"[") + body.count(b"{") > max_depth and nesting_depth(body) > max_depth:
-        raise BadJson(f"JSON nested deeper than {max_depth} levels")
     try:
         text = body.decode("utf-8")
+        # The C parser first: it refuses absurd nesting (RecursionError) fast.
         json.loads(text, parse_constant=_reject_constant)
     except UnicodeDecodeError as exc:
         raise BadJson(f"body is not UTF-8 (byte {exc.start})") from exc
     except (ValueError, RecursionError) as exc:
         raise BadJson("body is not a JSON document") from exc
+    if body.count(b"[") + body.count(b"{") > max_depth and nesting_depth(body) > max_depth:
+        raise BadJson(f"JSON nested deeper than {max_depth} levels")
     # Valid JSON holds raw CR/LF only as whitespace between tokens, so turning
     # them into spaces keeps the document as sent, on one line.
     document = text.replace("\r", " ").replace("\n", " ").strip()
