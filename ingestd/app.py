@@ -215,6 +215,12 @@ async def read_body(request: web.Request, config: Config) -> bytes:
     limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body over {limit} bytes")
+    content = request.content
+    if content.is_eof():  # the usual small post: it came with its headers
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        return body
     chunks = []
     size = 0
     try:

@@ -18,6 +18,7 @@ from ingestd.sinks.wal import write_all
 KEYS_NAME = ".ingestd-keys"
 _KEY_LINE_BYTES = 48  # "32 hex digits, space, seconds.millis\n", rounded up
 FILE_MODE = 0o644
+RECHECK_SECS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class DeviceFiles:
         "_created_file",
         "_fd",
         "_fd_name",
+        "_checked_at",
         "_fd_ino",
         "_keys_fd",
         "_pending_keys",
@@ -64,6 +66,7 @@ class DeviceFiles:
         self._fd: int | None = None
         self._fd_name: FileName | None = None
         self._fd_ino = 0
+        self._checked_at = 0.0
         self._keys_fd: int | None = None
         # Keys of stored blocks not yet in the key file: the log holds them
         # until the next checkpoint, which writes them (one write a device).
@@ -167,13 +170,21 @@ class DeviceFiles:
 
     # -- applying (disk) -------------------------------------------------------
 
-    def intact(self) -> bool:
+    def intact(self, now: float) -> bool:
         """False when the open file was moved, deleted or written by someone
-        else under us (logrotate, an operator): then the folder is reloaded."""
+        else under us (logrotate, an operator): then the folder is reloaded.
+
+        Looked at most once a second per device: a device in a burst does not
+        pay a stat per block, and a block written to a file just moved away
+        is not lost, it is in the moved file (as nginx does until reopened).
+        """
+        if now < self._checked_at + RECHECK_SECS:
+            return True
+        self._checked_at = now
         if self._fd is None or self._fd_name is None or self.current is None:
-            return self.folder.is_dir()
+            return os.path.isdir(self.folder)
         try:
-            on_disk = os.stat(self.folder / self._fd_name.name)
+            on_disk = os.stat(f"{self.folder}/{self._fd_name.name}")
         except FileNotFoundError:
             return False
         same_size = self.current.name != self._fd_name or on_disk.st_size == self.current.size

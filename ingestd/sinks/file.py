@@ -205,7 +205,7 @@ class FileSink:
 
     def _device(self, ident: tuple[str, str], *, verify: bool) -> DeviceFiles:
         device = self._devices.get(ident)
-        if device is not None and verify and not device.intact():
+        if device is not None and verify and not device.intact(time.monotonic()):
             log.warning("file_moved_away protocol=%s device=%s: starting a new one", *ident)
             self._drop(ident)
             device = None

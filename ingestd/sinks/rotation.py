@@ -8,6 +8,7 @@ Names sort in time order with a plain byte sort (`ls`, `sorted()`):
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -22,8 +23,14 @@ _NAME = re.compile(
 
 def period_of(ts: float, period: Period) -> str:
     """The UTC day (`2026-11-21`) or hour (`2026-11-21T13`) of a timestamp."""
+    return _period_of_hour(int(ts // 3600), period)
+
+
+@functools.lru_cache(maxsize=256)
+def _period_of_hour(hour: int, period: Period) -> str:
+    # Cached per hour: every record of a batch asks, and strftime is slow.
     fmt = "%Y-%m-%d" if period == "day" else "%Y-%m-%dT%H"
-    return time.strftime(fmt, time.gmtime(ts))
+    return time.strftime(fmt, time.gmtime(hour * 3600))
 
 
 def file_name(period: str, seq: int, ext: str) -> str:
