@@ -77,10 +77,12 @@ def split_block(data: bytes, max_columns: int = 1_000) -> tuple[bytes, bytes, in
         raise MalformedBlock(f"not UTF-8 at byte {exc.start}") from exc
     if b"\x00" in data:
         raise MalformedBlock("NUL byte in block")
-    lines = [line for line in data.split(b"\n") if line]
+    lines = data.split(b"\n")
+    if b"\n\n" in data or not lines[0] or not lines[-1]:
+        lines = [line for line in lines if line]
     if not lines:
         return b"", b"", 0
-    widths = _column_counts(lines)
+    widths = _column_counts(lines, quoted=b'"' in data)
     width = widths[0]
     if width > max_columns:
         raise BlockTooLarge(f"block has more than {max_columns} columns")
@@ -92,10 +94,10 @@ def split_block(data: bytes, max_columns: int = 1_000) -> tuple[bytes, bytes, in
     return lines[0] + b"\n", b"\n".join(lines[1:]) + b"\n" if len(lines) > 1 else b"", len(lines) - 1
 
 
-def _column_counts(lines: list[bytes]) -> list[int]:
+def _column_counts(lines: list[bytes], *, quoted: bool) -> list[int]:
     """Columns per line. Without quotes a comma always separates (the common
     case, counted in C); with quotes the csv module decides."""
-    if not any(b'"' in line for line in lines):
+    if not quoted:
         return [line.count(b",") + 1 for line in lines]
     try:
         parsed = list(csv.reader([line.decode("utf-8") for line in lines], strict=True))
