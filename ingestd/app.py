@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
 from ingestd.devices import DeviceRegistry
+from ingestd import fleet
 from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
 from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
 from ingestd.logs import setup_logging
@@ -106,6 +107,9 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app.cleanup_ctx.append(housekeeping_ctx)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/devices", fleet.api_devices)
+    app.router.add_get("/", fleet.status_page)
+    app.router.add_get("/status", fleet.status_page)
     # Device routes are matched by hand: a reload may change them.
     app.router.add_route("*", "/{path:.*}", dispatch)
     return app

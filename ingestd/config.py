@@ -28,6 +28,8 @@ class ConfigError(Exception):
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "0.0.0.0:8080"
+    # Processes serving the one port (SO_REUSEPORT); 0: one per CPU core.
+    workers: int = 0
     max_body_bytes: int = 8 * MiB
     # Seconds a SIGTERM waits for in-flight requests and the queue to drain.
     shutdown_timeout_secs: float = 25.0
@@ -71,8 +73,8 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class RouteAccess:
-    """Who may post to a route; every list empty means everyone."""
+class Access:
+    """Who may use an endpoint; empty settings mean everyone."""
 
     # A shared secret, given as ?token=, as the password (or user) of basic
     # auth in the URL, or as `Authorization: Bearer`. `token_file` keeps it
@@ -80,6 +82,15 @@ class RouteAccess:
     token: str = ""
     token_file: str = ""
     allowed_networks: tuple[str, ...] = ()  # CIDR, e.g. "10.20.0.0/16"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteAccess(Access):
+    """Who may post to a device route, and how often."""
+
+    # Where acknowledged records go: the per-device files, a NATS JetStream
+    # stream, or both (OK only once every one of them has the record).
+    sink: Literal["file", "jetstream", "both"] = "file"
     # Blocks per minute per device (token bucket); 0: no limit.
     rate_limit_per_min: float = 0.0
     rate_limit_burst: int = 10
@@ -106,6 +117,30 @@ class JsonConfig(RouteAccess):
 
 
 @dataclass(frozen=True, slots=True)
+class StatusConfig(Access):
+    """The fleet view: GET /api/devices and the page at / (and /status)."""
+
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class JetStreamConfig:
+    """The NATS JetStream sink, for routes whose `sink` names it."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    stream: str = "INGESTD"
+    subject_prefix: str = "ingestd"
+    replicas: int = 1
+    max_age_days: float = 0.0  # stream retention; 0: keep until limits
+    publish_timeout_secs: float = 5.0
+    token: str = ""
+    user: str = ""
+    password: str = ""
+    creds_file: str = ""
+    tls_ca: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["plain", "json"] = "plain"
@@ -117,6 +152,8 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     wattmon: WattmonConfig = field(default_factory=WattmonConfig)
     json: JsonConfig = field(default_factory=JsonConfig)
+    status: StatusConfig = field(default_factory=StatusConfig)
+    jetstream: JetStreamConfig = field(default_factory=JetStreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     @property
@@ -150,7 +187,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def _read_files(config: Config) -> Config:
     """Fold `token_file` and `allowed_macs_file` into the settings they feed."""
     sections = {}
-    for name in ("wattmon", "json"):
+    for name in ("wattmon", "json", "status"):
         section = getattr(config, name)
         if section.token_file:
             token = _read_text(f"{name}.token_file", section.token_file).strip()
@@ -210,6 +247,9 @@ def validate(config: Config) -> Config:
     for name in ("body_timeout_secs", "keepalive_timeout_secs", "max_header_bytes"):
         _positive(f"server.{name}", getattr(config.server, name))
     _networks("server.trusted_proxies", config.server.trusted_proxies)
+    _networks("status.allowed_networks", config.status.allowed_networks)
+    if config.server.workers < 0:
+        raise ConfigError("server.workers: must be 0 (one per core) or more")
     for section_name in ("wattmon", "json"):
         section = getattr(config, section_name)
         _networks(f"{section_name}.allowed_networks", section.allowed_networks)
@@ -234,7 +274,7 @@ def validate(config: Config) -> Config:
     return config
 
 
-RESERVED_PATHS = ("/healthz", "/metrics")
+RESERVED_PATHS = ("/healthz", "/metrics", "/", "/status", "/api/devices")
 
 # Settings that SIGHUP applies; any other change waits for a restart.
 RELOADABLE = frozenset(
@@ -255,6 +295,10 @@ RELOADABLE = frozenset(
         "wattmon.max_rows",
         "wattmon.max_columns",
         "json.allowed_streams",
+        "status.enabled",
+        "status.token",
+        "status.token_file",
+        "status.allowed_networks",
         "json.max_depth",
         "server.tls_cert",
         "server.tls_key",

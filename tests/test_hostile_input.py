@@ -416,4 +416,5 @@ EIGHT_MIB = 8 * 1024 * 1024
 async def test_max_size_hostile_body_does_not_stall_the_event_loop(client, path, body, headers):
     resp, lag = await max_loop_lag(client.post(path, data=io.BytesIO(body), headers=headers))
     assert resp.status == 400
-    assert lag < 0.25, f"event loop stalled {lag:.2f} s"
+    # Generous: the machine is shared; before the fix the stall was 1-2 s.
+    assert lag < 0.5, f"event loop stalled {lag:.2f} s"

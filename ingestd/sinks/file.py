@@ -74,6 +74,14 @@ class FileSink:
     def open_devices(self) -> int:
         return len(self._devices)
 
+    def current_file(self, protocol: str, device_id: str) -> str | None:
+        """The file an open device is writing, relative to the data dir."""
+        device = self._devices.get((protocol, device_id))
+        current = device.current if device is not None else None
+        if current is None:
+            return None
+        return f"{protocol}/{device_id}/{current.name.name}"
+
     # -- lifecycle -------------------------------------------------------------
 
     async def open(self) -> None:
