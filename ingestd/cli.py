@@ -50,4 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return with_overrides(load_config(args.config), listen=args.listen, data_dir=args.data_dir)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(Daemon(config, reload).run())
+        serve_args = [
+            *(["--config", args.config] if args.config else []),
+            *(["--listen", args.listen] if args.listen else []),
+            *(["--data-dir", args.data_dir] if args.data_dir else []),
+        ]
+        return runner.run(Daemon(config, reload, serve_args).run())

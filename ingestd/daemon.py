@@ -14,6 +14,7 @@ from aiohttp import web
 
 from ingestd.app import DEVICES, IN_FLIGHT, PIPELINE, SINK, make_app, reload_config
 from ingestd.config import Config, ConfigError, parse_listen
+from ingestd.supervisor import WorkerError, WorkerPool, bind
 from ingestd.systemd import Notifier, listen_sockets
 from ingestd.tls import reload_certificate, server_context
 
@@ -23,10 +24,13 @@ STATUS_INTERVAL_SECS = 5.0
 
 
 class Daemon:
-    def __init__(self, config: Config, load: Callable[[], Config]) -> None:
-        """`load` re-reads the config file with the command line applied."""
+    def __init__(self, config: Config, load: Callable[[], Config], args: list[str]) -> None:
+        """`load` re-reads the config file with the command line applied;
+        `args` are those command-line options, for worker processes."""
         self._config = config
         self._load = load
+        self._args = args
+        self._workers: WorkerPool | None = None
         self._notifier = Notifier()
         self._stop = asyncio.Event()
         self._app = make_app(config)
@@ -58,15 +62,20 @@ class Daemon:
             log.error("startup_failed error=%s", ascii(str(exc)))
             return 1
         try:
-            await self._start_sites(runner)
-        except OSError as exc:
-            log.error("listen_failed address=%s error=%s", config.server.listen, exc.strerror)
+            addresses = await self._start_sites(runner)
+        except (OSError, WorkerError) as exc:
+            log.error("listen_failed address=%s error=%s", config.server.listen,
+                      getattr(exc, "strerror", None) or exc)
+            if self._workers is not None:
+                await self._workers.stop(5)
+                self._workers.cleanup()
             await runner.cleanup()
             return 1
-        for address in runner.addresses:
+        for address in addresses:
             log.info(
-                "listening address=%s tls=%s data_dir=%s",
-                _address(address), "on" if self._ssl else "off", ascii(str(config.data_dir)),
+                "listening address=%s tls=%s workers=%d data_dir=%s",
+                _address(address), "on" if self._ssl else "off",
+                self._workers.count if self._workers else 1, ascii(str(config.data_dir)),
             )
         self._notifier.ready(self._status())
         self._spawn(self._report_status)
@@ -77,42 +86,32 @@ class Daemon:
         self._notifier.stopping()
         for task in self._tasks:
             task.cancel()
-        await self._drain(runner)
+        if self._workers is not None:
+            await self._workers.stop(self._config.server.shutdown_timeout_secs + 5)
+        await drain(runner, self._app, self._config.server.shutdown_timeout_secs)
         await runner.cleanup()
+        if self._workers is not None:
+            self._workers.cleanup()
         self._notifier.close()
         log.info("stopped: all queued records stored, files closed")
         return 0
 
-    async def _drain(self, runner: web.AppRunner) -> None:
-        """Stop accepting, then let requests in flight finish, bodies included.
-
-        aiohttp's own cleanup stops reading from open connections at once, so
-        a device whose body was still arriving would get no answer; wait for
-        the handlers first, within the shutdown timeout.
-        """
-        for site in list(runner.sites):
-            await site.stop()
-        in_flight = self._app[IN_FLIGHT]
-        if runner.server is not None:
-            for connection in runner.server.connections:
-                if connection not in in_flight.busy_connections:
-                    connection.force_close()  # idle keep-alive: nothing to finish
-        if in_flight.count:
-            log.info("draining requests=%d", in_flight.count)
-            try:
-                async with asyncio.timeout(self._config.server.shutdown_timeout_secs):
-                    await in_flight.wait_idle()
-            except TimeoutError:
-                log.warning("drain_timeout requests=%d: cancelling them", in_flight.count)
-
-    async def _start_sites(self, runner: web.AppRunner) -> None:
-        sockets = listen_sockets()
-        if sockets:  # socket activation: systemd holds the listening sockets
-            for sock in sockets:
-                await web.SockSite(runner, sock, ssl_context=self._ssl).start()
-            return
-        host, port = parse_listen(self._config.server.listen)
-        await web.TCPSite(runner, host, port, ssl_context=self._ssl, backlog=2048).start()
+    async def _start_sites(self, runner: web.AppRunner) -> list[object]:
+        """Listen; return the addresses. With workers, they serve the sockets."""
+        sockets = listen_sockets()  # socket activation: systemd holds them
+        count = self._config.server.workers or os.cpu_count() or 1
+        if count > 1:
+            if not sockets:
+                sockets = [bind(self._config.server.listen)]
+            self._workers = WorkerPool(self._app, runner, self._args, count)
+            await self._workers.start(sockets)
+            return [sock.getsockname() for sock in sockets]
+        for sock in sockets:
+            await web.SockSite(runner, sock, ssl_context=self._ssl).start()
+        if not sockets:
+            host, port = parse_listen(self._config.server.listen)
+            await web.TCPSite(runner, host, port, ssl_context=self._ssl, backlog=2048).start()
+        return list(runner.addresses)
 
     def _on_stop_signal(self, signum: int) -> None:
         if self._stop.is_set() and signum == signal.SIGINT:
@@ -143,6 +142,8 @@ class Daemon:
                     return
             changed, needs_restart = reload_config(self._app, new)
             await self._app[SINK].reopen()
+            if self._workers is not None:
+                await self._workers.reload()
             log.info(
                 "reloaded changed=%s needs_restart=%s",
                 ",".join(changed) or "-", ",".join(needs_restart) or "-",
@@ -183,6 +184,29 @@ class Daemon:
         if last is None or now <= last[0]:
             return 0.0
         return (total - last[1]) / (now - last[0])
+
+
+async def drain(runner: web.AppRunner, app: web.Application, timeout: float) -> None:
+    """Stop accepting, then let requests in flight finish, bodies included.
+
+    aiohttp's own cleanup stops reading from open connections at once, so a
+    device whose body was still arriving would get no answer; wait for the
+    handlers first, within the shutdown timeout.
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    in_flight = app[IN_FLIGHT]
+    if runner.server is not None:
+        for connection in runner.server.connections:
+            if connection not in in_flight.busy_connections:
+                connection.force_close()  # idle keep-alive: nothing to finish
+    if in_flight.count:
+        log.info("draining requests=%d", in_flight.count)
+        try:
+            async with asyncio.timeout(timeout):
+                await in_flight.wait_idle()
+        except TimeoutError:
+            log.warning("drain_timeout requests=%d: cancelling them", in_flight.count)
 
 
 def _address(address: object) -> str:

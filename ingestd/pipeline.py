@@ -104,6 +104,34 @@ class Pipeline:
                 raise QueueFull("queue full; retry later") from None
         return await future
 
+    async def submit_many(self, items: list[Item]) -> list[Outcome | IngestError]:
+        """Queue a batch (from a worker process) and wait for every result.
+
+        Refusals come back as errors in the list rather than raised.
+        """
+        if self._closing:
+            return [ShuttingDown("shutting down; retry later")] * len(items)
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Outcome]] = []
+        results: list[Outcome | IngestError] = []
+        for item in items:
+            future: asyncio.Future[Outcome] = loop.create_future()
+            entry = (item, future)
+            try:
+                self._queue.put_nowait(entry)
+            except asyncio.QueueFull:
+                try:
+                    await asyncio.wait_for(self._queue.put(entry), self._enqueue_timeout)
+                except TimeoutError:
+                    future.set_exception(QueueFull("queue full; retry later"))
+            futures.append(future)
+        for future in futures:
+            try:
+                results.append(await future)
+            except IngestError as exc:
+                results.append(exc)
+        return results
+
     async def close(self) -> None:
         """Store everything queued, then stop the writer. Idempotent."""
         self._closing = True

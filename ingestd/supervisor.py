@@ -1,0 +1,146 @@
+"""The main process's side of worker mode: start, watch and stop workers.
+
+See ingestd/workers.py for what a worker does and why storage stays here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from ingestd.config import parse_listen
+from ingestd.workers import CONTROL_SOCKET, STORAGE_SOCKET, StorageServer
+
+log = logging.getLogger("ingestd.supervisor")
+
+READY_TIMEOUT_SECS = 30.0
+RESTART_DELAY_SECS = 1.0
+
+
+class WorkerError(Exception):
+    """Workers did not start."""
+
+
+def bind(listen: str) -> socket.socket:
+    """The public listening socket, bound here and inherited by every worker."""
+    host, port = parse_listen(listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=2048)
+    sock.setblocking(False)
+    return sock
+
+
+class WorkerPool:
+    def __init__(
+        self, app: web.Application, runner: web.AppRunner, args: list[str], count: int
+    ) -> None:
+        self.count = count
+        self._app = app
+        self._runner = runner
+        self._args = args
+        self._runtime = Path(tempfile.mkdtemp(prefix="ingestd-"))  # 0700
+        self._storage = StorageServer(app, self._on_hello, self._on_reloaded)
+        self._reloaded: dict[int, asyncio.Event] = {}
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._ready: dict[int, asyncio.Event] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._fds: list[int] = []
+        self._sockets: list[socket.socket] = []
+        self._stopping = False
+
+    async def start(self, sockets: list[socket.socket]) -> None:
+        self._sockets = sockets
+        self._fds = [sock.fileno() for sock in sockets]
+        # State requests from the workers reach the full app here.
+        await web.UnixSite(self._runner, str(self._runtime / CONTROL_SOCKET)).start()
+        await self._storage.start(self._runtime / STORAGE_SOCKET)
+        for worker_id in range(self.count):
+            await self._spawn(worker_id)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_SECS):
+                for event in self._ready.values():
+                    await event.wait()
+        except TimeoutError:
+            raise WorkerError("workers did not become ready") from None
+
+    async def _spawn(self, worker_id: int) -> None:
+        self._ready[worker_id] = asyncio.Event()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ingestd.workers", *self._args,
+            "--worker-id", str(worker_id),
+            "--runtime-dir", str(self._runtime),
+            "--fds", ",".join(map(str, self._fds)),
+            pass_fds=self._fds,
+        )
+        self._procs[worker_id] = proc
+        watcher = asyncio.create_task(self._watch(worker_id, proc))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, worker_id: int, proc: asyncio.subprocess.Process) -> None:
+        """Start a worker again if it dies while we are serving."""
+        code = await proc.wait()
+        if self._stopping:
+            return
+        log.error("worker_exited worker=%d code=%s: restarting", worker_id, code)
+        await asyncio.sleep(RESTART_DELAY_SECS)
+        if not self._stopping:
+            await self._spawn(worker_id)
+
+    def _on_hello(self, worker_id: int) -> None:
+        event = self._ready.get(worker_id)
+        if event is not None:
+            event.set()
+
+    def _on_reloaded(self, worker_id: int) -> None:
+        event = self._reloaded.get(worker_id)
+        if event is not None:
+            event.set()
+
+    async def reload(self) -> None:
+        """SIGHUP every worker and wait until each has applied the new config."""
+        self._reloaded = {
+            worker_id: asyncio.Event()
+            for worker_id, proc in self._procs.items()
+            if proc.returncode is None
+        }
+        self.signal(signal.SIGHUP)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_SECS):
+                for event in self._reloaded.values():
+                    await event.wait()
+        except TimeoutError:
+            log.error("workers_did_not_reload")
+
+    def signal(self, signum: int) -> None:
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+    async def stop(self, timeout: float) -> None:
+        """SIGTERM every worker, let them drain, then stop taking batches."""
+        self._stopping = True
+        self.signal(signal.SIGTERM)
+        for sock in self._sockets:
+            sock.close()  # ours only: the workers keep their copies until done
+        waits = [proc.wait() for proc in self._procs.values()]
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            log.error("workers_did_not_stop: killing them")
+            self.signal(signal.SIGKILL)
+        await self._storage.close()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self._runtime, ignore_errors=True)
