@@ -56,8 +56,11 @@ def start_server(name: str, port: int, data_dir: Path, workers: int) -> subproce
     if name == "baseline":
         command = [sys.executable, str(HERE / "baseline_server.py"), str(port)]
     else:
-        command = [sys.executable, "-m", "ingestd", "serve", "--listen", f"127.0.0.1:{port}",
-                   "--data-dir", str(data_dir)]
+        config = data_dir.parent / f"{data_dir.name}.toml"
+        # workers = 1 is the single-process mode: HTTP and storage in one process.
+        config.write_text(f"[server]\nworkers = {workers}\n")
+        command = [sys.executable, "-m", "ingestd", "serve", "--config", str(config),
+                   "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
     cores = "0" if workers == 1 else f"0-{workers - 1}"
     proc = subprocess.Popen(["taskset", "-c", cores, *command], stderr=subprocess.DEVNULL)
     wait_listening(port)
@@ -94,6 +97,7 @@ def measure(name: str, column: tuple[str, str, bool], args: argparse.Namespace) 
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
             shutil.rmtree(data_dir, ignore_errors=True)
+            Path(f"{data_dir}.toml").unlink(missing_ok=True)
     rate = statistics.median(r["rate"] for r in results)
     return {"rate": rate, "errors": sum(r["errors"] for r in results),
             "p99_ms": statistics.median(r["p99_ms"] for r in results)}
@@ -104,17 +108,20 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1, help="cores for the server (0..N-1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="ingestd worker processes, pinned to cores 0..N-1")
     parser.add_argument("--wrk-core", default="1")
     parser.add_argument("--data-root", default=None, help="where ingestd stores during runs")
     parser.add_argument("--only", choices=["wattmon", "json"], default=None)
+    parser.add_argument("--servers", default="baseline,ingestd",
+                        help="comma-separated: baseline, ingestd")
     args = parser.parse_args()
     if not (BODIES / "wattmon.txt").exists():
         subprocess.run([sys.executable, str(HERE / "gen_bodies.py"), "--out", str(BODIES)],
                        check=True)
     columns = [c for c in COLUMNS if args.only in (None, c[1])]
     table = {name: [measure(name, column, args) for column in columns]
-             for name in ("baseline", "ingestd")}
+             for name in args.servers.split(",")}
     print(f"\n{args.runs} runs x {args.seconds} s, {args.connections} connections, "
           f"server on {args.workers} core(s), wrk on core {args.wrk_core}; "
           f"requests/s (median), p99 latency\n")
@@ -123,8 +130,10 @@ def main() -> None:
     for name, cells in table.items():
         print(f"| {name} | " + " | ".join(
             f"{c['rate']:,.0f}/s (p99 {c['p99_ms']:.0f} ms)" for c in cells) + " |")
-    ratios = [i["rate"] / b["rate"] for i, b in zip(table["ingestd"], table["baseline"], strict=True)]
-    print("| ingestd / baseline | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    if "ingestd" in table and "baseline" in table:
+        pairs = zip(table["ingestd"], table["baseline"], strict=True)
+        print("| ingestd / baseline | " + " | ".join(f"{i['rate'] / b['rate']:.2f}x"
+                                                     for i, b in pairs) + " |")
     errors = sum(c["errors"] for cells in table.values() for c in cells)
     if errors:
         print(f"\nwarning: {errors} errors (non-2xx, connect, read) during the runs", file=sys.stderr)

@@ -95,11 +95,14 @@ class WorkerPool:
         await asyncio.sleep(RESTART_DELAY_SECS)
         if not self._stopping:
             await self._spawn(worker_id)
+            await self._ready[worker_id].wait()
+            log.info("worker_restarted worker=%d", worker_id)
 
     def _on_hello(self, worker_id: int) -> None:
         event = self._ready.get(worker_id)
         if event is not None:
             event.set()
+        log.debug("worker_ready worker=%d", worker_id)
 
     def _on_reloaded(self, worker_id: int) -> None:
         event = self._reloaded.get(worker_id)

@@ -1,0 +1,122 @@
+"""Several worker processes on one port, one storage writer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+from conftest import FORM, wattmon_form
+from daemon import DaemonProcess, write_config
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            found += [int(child) for child in fh.read().split()]
+    return found
+
+
+def block(device: int, seq: int) -> str:
+    return f"Time,Device,Seq\n2026-11-21 08:{seq // 60:02d}:{seq % 60:02d},{device},{seq}\n"
+
+
+def mac(device: int) -> str:
+    return f"02000000{device:04x}"
+
+
+async def post_once(url: str, body: str) -> tuple[int, str]:
+    """A device on a cellular link: a new connection for every post."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        async with s.post(f"{url}/wattmon", data=body, headers=FORM) as resp:
+            return resp.status, await resp.text()
+
+
+def stored_rows(data_dir: Path, device: int) -> list[str]:
+    rows = []
+    for path in sorted((data_dir / "wattmon" / mac(device)).glob("*.csv")):
+        text = path.read_text()
+        assert text.endswith("\n"), f"partial last line in {path}"
+        lines = text.splitlines()
+        assert lines[0] == "Time,Device,Seq"
+        assert "Time,Device,Seq" not in lines[1:], f"second header in {path}"
+        rows += lines[1:]
+    return rows
+
+
+async def test_resends_across_workers_are_stored_once_without_interleaving(tmp_path):
+    config = write_config(tmp_path / "ingestd.toml", "[server]\nworkers = 2\n")
+    daemon = await DaemonProcess.start(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
+    )
+    try:
+        assert len(await asyncio.to_thread(children, daemon.proc.pid)) == 2
+
+        async def device(n: int) -> None:
+            for seq in range(8):
+                body = wattmon_form(mac(n), block(n, seq))
+                # The block and its resend race on two connections, which the
+                # kernel hands to either worker.
+                results = await asyncio.gather(post_once(daemon.url, body), post_once(daemon.url, body))
+                assert results == [(200, "OK"), (200, "OK")]
+
+        await asyncio.gather(*(device(n) for n in range(24)))
+    finally:
+        assert await daemon.stop() == 0, daemon.lines
+    for n in range(24):
+        rows = await asyncio.to_thread(stored_rows, tmp_path / "data", n)
+        assert rows == [block(n, seq).splitlines()[1] for seq in range(8)]
+
+
+async def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(tmp_path):
+    config = write_config(tmp_path / "ingestd.toml", "[server]\nworkers = 2\n")
+    daemon = await DaemonProcess.start(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
+    )
+    acknowledged = []
+    try:
+        workers = await asyncio.to_thread(children, daemon.proc.pid)
+        for seq in range(5):
+            assert await post_once(daemon.url, wattmon_form(mac(1), block(1, seq))) == (200, "OK")
+            acknowledged.append(seq)
+        os.kill(workers[0], signal.SIGKILL)
+        await daemon.wait_for(b"worker_exited")
+        for seq in range(5, 40):
+            status, _ = await post_once(daemon.url, wattmon_form(mac(1), block(1, seq)))
+            if status == 200:
+                acknowledged.append(seq)
+            else:  # a device whose connection landed on the dead worker resends
+                status, _ = await post_once(daemon.url, wattmon_form(mac(1), block(1, seq)))
+                assert status == 200
+                acknowledged.append(seq)
+        await daemon.wait_for(b"worker_restarted")
+        replaced = await asyncio.to_thread(children, daemon.proc.pid)
+        assert len(replaced) == 2 and workers[0] not in replaced
+    finally:
+        assert await daemon.stop() == 0, daemon.lines
+    rows = await asyncio.to_thread(stored_rows, tmp_path / "data", 1)
+    assert rows == [block(1, seq).splitlines()[1] for seq in acknowledged]
+
+
+async def test_metrics_and_device_counts_cover_every_worker(tmp_path):
+    config = write_config(tmp_path / "ingestd.toml", "[server]\nworkers = 2\n")
+    daemon = await DaemonProcess.start(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
+    )
+    try:
+        for n in range(12):
+            assert await post_once(daemon.url, wattmon_form(mac(n), block(n, 0))) == (200, "OK")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{daemon.url}/metrics") as resp:
+                text = await resp.text()
+    finally:
+        assert await daemon.stop() == 0
+    # The main process stores for all workers, so its counters see everything.
+    assert "ingestd_records_stored_total 12.0" in text
+    assert "ingestd_devices_seen 12.0" in text
+    digest = hashlib.md5(block(0, 0).encode()).hexdigest()
+    assert (tmp_path / "data" / "wattmon" / mac(0) / ".ingestd-keys").read_text().startswith(digest)
