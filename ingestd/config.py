@@ -60,6 +60,9 @@ class StorageConfig:
     # How long a request waits for room in a full queue before it gets 503.
     enqueue_timeout_secs: float = 2.0
     batch_max_records: int = 4096
+    # How often the files written since the last checkpoint are fsynced in
+    # the background, so the write-ahead log can start over.
+    checkpoint_interval_secs: float = 10.0
     # A resend of a block already stored is answered OK and stored nothing
     # when it is among the device's last N blocks and younger than this.
     dedup_window_blocks: int = 1000
@@ -237,6 +240,7 @@ def validate(config: Config) -> Config:
         "queue_max_records",
         "enqueue_timeout_secs",
         "batch_max_records",
+        "checkpoint_interval_secs",
         "dedup_window_blocks",
         "dedup_window_secs",
         "housekeeping_interval_secs",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import signal
 import ssl
 import time
@@ -43,6 +45,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._spawn, self._reload)
+        raise_open_file_limit()
 
         config = self._config
         runner = web.AppRunner(
@@ -184,6 +187,15 @@ class Daemon:
         if last is None or now <= last[0]:
             return 0.0
         return (total - last[1]) / (now - last[0])
+
+
+def raise_open_file_limit() -> None:
+    """Every device connection and open device file is a descriptor: use the
+    hard limit (systemd's LimitNOFILE=), not the small default soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def drain(runner: web.AppRunner, app: web.Application, timeout: float) -> None:

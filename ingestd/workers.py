@@ -333,6 +333,9 @@ async def run_worker(
     from ingestd.app import reload_config
     from ingestd.tls import reload_certificate, server_context
 
+    from ingestd.daemon import raise_open_file_limit
+
+    raise_open_file_limit()
     set_parent_death_signal()
     if os.getppid() == 1:
         return 1  # the main process died before we could ask to follow it

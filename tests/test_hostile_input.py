@@ -23,7 +23,7 @@ BOUNDARY = "XyZzy"
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 JSON = {"Content-Type": "application/json"}
 # Files the data dir keeps for itself, whatever is posted.
-INTERNAL = {".ingestd-wal"}
+INTERNAL = {".ingestd-wal", ".ingestd-wal.1"}
 
 
 @dataclass(frozen=True)

@@ -820,7 +820,11 @@ async def test_sigkill_loop_loses_and_duplicates_nothing_acknowledged(
     config = tmp_path / "ingestd.toml"
     # Small files: blocks rotate by size as well as by header, across the crashes.
     # "never" skips the fsyncs, which only power loss needs: a kill must not matter.
-    config.write_text(f'[storage]\nmax_file_bytes = 4096\nfsync = "{fsync}"\n')
+    # Checkpoints every 0.2 s: kills land in the middle of background syncs,
+    # with both write-ahead logs holding frames.
+    config.write_text(
+        f"[storage]\nmax_file_bytes = 4096\nfsync = \"{fsync}\"\ncheckpoint_interval_secs = 0.2\n"
+    )
     rng = random.Random(7)
     devices = [Device(i, random.Random(rng.random())) for i in range(30)]
     streams = [Stream(f"meter-{i}", keyed=True) for i in range(4)]

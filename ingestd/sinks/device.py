@@ -52,6 +52,7 @@ class DeviceFiles:
         "ext",
         "folder",
         "settings",
+        "unsynced",
         "window",
     )
 
@@ -63,6 +64,7 @@ class DeviceFiles:
         self.window = DedupWindow(settings.dedup_window_blocks, settings.dedup_window_secs)
         self.dirty = False
         self._created_file = False  # the folder's entries need an fsync too
+        self.unsynced: list[str] = []  # files closed since the last checkpoint
         self._fd: int | None = None
         self._fd_name: FileName | None = None
         self._fd_ino = 0
@@ -214,10 +216,10 @@ class DeviceFiles:
         if self._fd_name == name and self._fd is not None:
             return self._fd
         if self._fd is not None and self._fd_name is not None:
-            # Rotation: the old file is complete, so make it durable now.
-            os.fsync(self._fd)
+            # Rotation: the old file is complete; the next checkpoint syncs it.
             os.close(self._fd)
             self._fd = None
+            self.unsynced.append(f"{self.folder}/{self._fd_name.name}")
         self._fd = os.open(
             self.folder / name.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE
         )
@@ -250,21 +252,31 @@ class DeviceFiles:
                 else:
                     os.truncate(path, offset)
 
-    def sync(self) -> None:
+    def checkpoint_paths(self) -> list[str]:
+        """Write the pending keys and name every file (and the folder, for a
+        created file) whose writes a checkpoint must sync; then count them
+        as clean. The syncing happens elsewhere, off the writer thread."""
+        paths, self.unsynced = self.unsynced, []
         if self.dirty:
             self._flush_keys()
-            for fd in (self._fd, self._keys_fd):
-                if fd is not None:
-                    os.fsync(fd)
+            if self._fd_name is not None:
+                paths.append(f"{self.folder}/{self._fd_name.name}")
+            paths.append(f"{self.folder}/{KEYS_NAME}")
             if self._created_file:
-                fsync_dir(self.folder)
+                paths.append(str(self.folder))
                 self._created_file = False
             self.dirty = False
+        return paths
 
-    def close(self) -> None:
-        """Sync and close; safe to call twice, and after a failed write."""
+    def take_pending_keys(self) -> list[str]:
+        keys, self._pending_keys = self._pending_keys, []
+        return keys
+
+    def close(self) -> list[str]:
+        """Close the handles; return the paths the next checkpoint must sync.
+        Safe to call twice, and after a failed write."""
         try:
-            self.sync()
+            return self.checkpoint_paths()
         finally:
             for fd in (self._fd, self._keys_fd):
                 if fd is not None:
@@ -272,6 +284,20 @@ class DeviceFiles:
                         os.close(fd)
             self._fd = self._keys_fd = None
             self._fd_name = None
+
+
+def sync_paths(paths: list[str]) -> None:
+    """fsync each file or folder by path; one moved or deleted meanwhile is
+    skipped (an operator took it). Raises OSError for any other failure."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -22,7 +22,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ingestd.config import StorageConfig
@@ -36,6 +36,7 @@ from ingestd.sinks.device import (
     PlannedWrite,
     Settings,
     fsync_dir,
+    sync_paths,
 )
 from ingestd.sinks.rotation import parse_file_name
 from ingestd.sinks.wal import Frame, WriteAheadLog, read_log
@@ -44,8 +45,8 @@ log = logging.getLogger("ingestd.storage")
 
 EXTENSIONS = {"wattmon": "csv", "json": "jsonl"}
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
-CHECKPOINT_SECS = 10.0
 CHECKPOINT_WAL_BYTES = 64 * 1024 * 1024
+MAX_UNSYNCED_PATHS = 65536
 PROBE_BYTES = 64 * 1024
 
 Result = Outcome | IngestError
@@ -67,6 +68,12 @@ class FileSink:
         self._wal: WriteAheadLog | None = None
         self._last_checkpoint = time.monotonic()
         self._new_dirs: set[Path] = set()
+        # Paths a checkpoint must fsync (files closed since the last one).
+        self._unsynced: set[str] = set()
+        self._orphan_keys: list[tuple[Path, list[str]]] = []
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="ingestd-checkpoint")
+        self._checkpointing: tuple[int, list[str], Future[None]] | None = None
+        self._retry_index: int | None = None
         # Called from the writer thread with ("log_sync" | "write", seconds).
         self.observe: Callable[[str, float], None] | None = None
 
@@ -104,10 +111,21 @@ class FileSink:
     def _close_blocking(self) -> None:
         if self._wal is None:
             return
-        self._checkpoint()
-        for device in self._devices.values():
-            device.close()
-        self._devices.clear()
+        for ident in list(self._devices):
+            self._drop(ident)
+        # A clean stop: everything synced here, both logs left empty.
+        if self._checkpointing is not None:
+            _, paths, future = self._checkpointing
+            if future.exception() is not None:
+                self._unsynced.update(paths)
+        try:
+            self._sync_now(sorted(self._unsynced))
+        except OSError as exc:
+            log.error("final_sync_failed error=%s: the log keeps the writes", exc.strerror)
+        else:
+            self._wal.checkpointed(0)
+            self._wal.checkpointed(1)
+        self._syncer.shutdown(wait=True)
         self._wal.close()
         self._wal = None
 
@@ -200,11 +218,7 @@ class FileSink:
                 results[i] = Outcome.DUPLICATE if outcome is Outcome.STORED else outcome
 
         self._evict(keep=plans.keys() | duplicates.keys())
-        if (
-            time.monotonic() - self._last_checkpoint > CHECKPOINT_SECS
-            or self._wal.size > CHECKPOINT_WAL_BYTES
-        ):
-            self._checkpoint()
+        self._checkpoint_if_due()
         return [r if r is not None else StorageFailed("internal error") for r in results]
 
     def _observe(self, what: str, started: float) -> None:
@@ -249,9 +263,15 @@ class FileSink:
 
     def _drop(self, ident: tuple[str, str]) -> None:
         device = self._devices.pop(ident, None)
-        if device is not None:
-            with contextlib.suppress(OSError):
-                device.close()
+        if device is None:
+            return
+        try:
+            self._unsynced.update(device.close())
+        except OSError:
+            # Its keys could not be written: keep them for the next checkpoint,
+            # which cannot succeed before they are on disk.
+            self._orphan_keys.append((device.folder, device.take_pending_keys()))
+            self._unsynced.update(device.unsynced)
 
     def _evict(self, keep: set[tuple[str, str]]) -> None:
         """Close the least recently used devices beyond `max_open_files`."""
@@ -266,22 +286,65 @@ class FileSink:
 
     # -- checkpoint and recovery -----------------------------------------------------
 
-    def _checkpoint(self) -> None:
-        """Make every file written so far durable, then empty the log."""
+    def _checkpoint_if_due(self) -> None:
+        """Start a checkpoint in the background: sync what the log describes,
+        then recycle it. The writer goes on meanwhile with the other log."""
         assert self._wal is not None
-        if self._sync:
-            for ident, device in list(self._devices.items()):
-                try:
-                    device.sync()
-                except OSError as exc:
-                    self._failed(ident, exc)
-                    return  # keep the log: it still holds those writes
-            # Parents first: a device folder's own entry lives in its parent.
-            for folder in sorted(self._new_dirs, key=lambda p: len(p.parts)):
-                fsync_dir(folder)
+        if self._checkpointing is not None:
+            index, paths, future = self._checkpointing
+            if not future.done():
+                return
+            self._checkpointing = None
+            if future.exception() is None:
+                self._wal.checkpointed(index)
+            else:
+                log.error("checkpoint_failed error=%s: retrying", future.exception())
+                self._unsynced.update(paths)
+                self._retry_index = index
+        due = (
+            time.monotonic() - self._last_checkpoint > self._config.checkpoint_interval_secs
+            or self._wal.size > CHECKPOINT_WAL_BYTES
+            or len(self._unsynced) > MAX_UNSYNCED_PATHS
+        )
+        if not due:
+            return
+        index = self._retry_index if self._retry_index is not None else self._wal.switch()
+        if index is None:
+            return
+        self._retry_index = None
+        paths = set(self._unsynced)
+        self._unsynced.clear()
+        for ident, device in list(self._devices.items()):
+            try:
+                paths.update(device.checkpoint_paths())
+            except OSError as exc:
+                self._failed(ident, exc)
+        paths.update(str(folder) for folder in self._new_dirs)
         self._new_dirs.clear()
-        self._wal.reset()
+        try:
+            paths.update(self._write_orphan_keys())
+        except OSError:
+            self._unsynced.update(paths)
+            self._retry_index = index
+            return
+        # Files before the folders they are in, parents last.
+        ordered = sorted(paths, key=lambda p: (os.path.isdir(p), -p.count("/")))
+        self._checkpointing = (index, ordered, self._syncer.submit(self._sync_now, ordered))
         self._last_checkpoint = time.monotonic()
+
+    def _sync_now(self, paths: list[str]) -> None:
+        if self._sync:
+            sync_paths(paths)
+
+    def _write_orphan_keys(self) -> list[str]:
+        written = []
+        while self._orphan_keys:
+            folder, lines = self._orphan_keys[0]
+            with open(folder / KEYS_NAME, "a", encoding="ascii") as fh:
+                fh.write("".join(lines))
+            written.append(str(folder / KEYS_NAME))
+            self._orphan_keys.pop(0)
+        return written
 
     def recover(self) -> int:
         """Replay the log of an unclean stop: restore, cut torn tails, sync.

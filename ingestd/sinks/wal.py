@@ -27,6 +27,7 @@ from pathlib import Path
 _HEAD = struct.Struct(">III")
 _EPOCH = struct.Struct(">I")
 WAL_NAME = ".ingestd-wal"
+WAL_NAMES = (WAL_NAME, ".ingestd-wal.1")
 MARKER_PATH = "."
 GROW_BYTES = 1024 * 1024
 
@@ -77,74 +78,116 @@ def decode_frames(blob: bytes) -> tuple[int | None, list[Frame], int]:
     return epoch, frames, pos
 
 
+class _Slot:
+    """One recycled log file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.allocated = os.fstat(self.fd).st_size
+        self.size = 0
+        self.epoch = 0
+        self.pending = False  # holds frames whose files are not synced yet
+
+
 class WriteAheadLog:
-    """The log file of one writer. Blocking: call from the writer thread."""
+    """Two recycled log files: one takes appends while the other's writes
+    are being synced by a background checkpoint, so devices never wait for a
+    checkpoint. Blocking: call from the writer thread."""
 
     def __init__(self, data_dir: Path, *, sync: bool, epoch: int) -> None:
-        self.path = data_dir / WAL_NAME
         self._sync = sync
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._allocated = os.fstat(self._fd).st_size
-        self.epoch = epoch
-        self.size = 0
-        self.reset()
+        self._slots = [_Slot(data_dir / name) for name in WAL_NAMES]
+        self._epoch = epoch
+        for slot in self._slots:
+            self._reset(slot)
+        self._active = 0
+
+    @property
+    def size(self) -> int:
+        return self._slots[self._active].size
 
     def append(self, frames: list[Frame]) -> None:
         """Make `frames` durable (with sync on), or leave no trace of them."""
-        blob = b"".join(frame.encode(self.epoch) for frame in frames)
+        slot = self._slots[self._active]
+        blob = b"".join(frame.encode(slot.epoch) for frame in frames)
         try:
-            self._reserve(self.size + len(blob))
-            write_all_at(self._fd, blob, self.size)
+            self._reserve(slot, slot.size + len(blob))
+            write_all_at(slot.fd, blob, slot.size)
             if self._sync:
-                os.fdatasync(self._fd)
+                os.fdatasync(slot.fd)
         except OSError:
             # A replay must not find these frames: their writes were refused.
             try:
-                os.pwrite(self._fd, bytes(_HEAD.size), self.size)
+                os.pwrite(slot.fd, bytes(_HEAD.size), slot.size)
             except OSError:
                 pass
             raise
-        self.size += len(blob)
-        self._allocated = max(self._allocated, self.size)
+        slot.size += len(blob)
+        slot.pending = True
+        slot.allocated = max(slot.allocated, slot.size)
 
-    def _reserve(self, end: int) -> None:
+    def switch(self) -> int | None:
+        """Send new appends to the other file; return the one to checkpoint,
+        or None when the other still waits for its own checkpoint."""
+        other = 1 - self._active
+        if self._slots[other].pending:
+            return None
+        old, self._active = self._active, other
+        return old
+
+    def checkpointed(self, index: int) -> None:
+        """Every write the file `index` describes is synced: forget them."""
+        self._reset(self._slots[index])
+
+    def _reserve(self, slot: _Slot, end: int) -> None:
         """Zero-fill ahead, so appends overwrite blocks that already exist."""
-        if end <= self._allocated:
+        if end <= slot.allocated:
             return
         grown = (end // GROW_BYTES + 1) * GROW_BYTES
         try:
-            write_all_at(self._fd, bytes(grown - self._allocated), self._allocated)
-            os.fsync(self._fd)
+            write_all_at(slot.fd, bytes(grown - slot.allocated), slot.allocated)
+            os.fsync(slot.fd)
         except OSError:
             # No room to zero-fill (a full disk): give back what was filled
             # and append as a plain write, which finds out if there is room.
-            os.ftruncate(self._fd, self._allocated)
+            os.ftruncate(slot.fd, slot.allocated)
             return
-        self._allocated = grown
+        slot.allocated = grown
 
-    def reset(self) -> None:
-        """Start over: call once everything the frames describe is synced."""
-        self.epoch = (self.epoch + 1) & 0xFFFFFFFF
-        marker = Frame(MARKER_PATH, 0, None, 0.0, b"").encode(self.epoch)
-        self._reserve(len(marker))
-        write_all_at(self._fd, marker, 0)
+    def _reset(self, slot: _Slot) -> None:
+        """A fresh marker with a new, higher epoch: replay skips what follows."""
+        self._epoch = (self._epoch + 1) & 0xFFFFFFFF
+        slot.epoch = self._epoch
+        marker = Frame(MARKER_PATH, 0, None, 0.0, b"").encode(slot.epoch)
+        self._reserve(slot, len(marker))
+        write_all_at(slot.fd, marker, 0)
         if self._sync:
-            os.fdatasync(self._fd)
-        self.size = len(marker)
-        self._allocated = max(self._allocated, self.size)
+            os.fdatasync(slot.fd)
+        slot.size = len(marker)
+        slot.pending = False
+        slot.allocated = max(slot.allocated, slot.size)
 
     def close(self) -> None:
-        os.close(self._fd)
+        for slot in self._slots:
+            os.close(slot.fd)
 
 
 def read_log(data_dir: Path) -> tuple[int, list[Frame]]:
-    """The epoch (0 when there is no log) and the frames to replay."""
-    try:
-        blob = (data_dir / WAL_NAME).read_bytes()
-    except FileNotFoundError:
-        return 0, []
-    epoch, frames, _ = decode_frames(blob)
-    return epoch or 0, frames
+    """The newest epoch (0 when there is no log) and every frame to replay,
+    oldest log file first."""
+    logs = []
+    for name in WAL_NAMES:
+        try:
+            blob = (data_dir / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        epoch, frames, _ = decode_frames(blob)
+        if epoch is not None:
+            logs.append((epoch, frames))
+    logs.sort(key=lambda log: log[0])
+    frames = [frame for _, log_frames in logs for frame in log_frames]
+    return (logs[-1][0] if logs else 0), frames
 
 
 def write_all(fd: int, data: bytes) -> None:
