@@ -52,7 +52,9 @@ class Daemon:
             self._app,
             handle_signals=False,
             access_log=None,
-            shutdown_timeout=config.server.shutdown_timeout_secs,
+            # drain() has waited for the handlers already (within
+            # server.shutdown_timeout_secs): aiohttp only closes what is left.
+            shutdown_timeout=2.0,
             keepalive_timeout=config.server.keepalive_timeout_secs,
             max_line_size=config.server.max_header_bytes,
             max_field_size=config.server.max_header_bytes,

@@ -347,7 +347,7 @@ async def run_worker(
         app,
         handle_signals=False,
         access_log=None,
-        shutdown_timeout=server.shutdown_timeout_secs,
+        shutdown_timeout=2.0,  # drain() has waited for the handlers already
         keepalive_timeout=server.keepalive_timeout_secs,
         max_line_size=server.max_header_bytes,
         max_field_size=server.max_header_bytes,

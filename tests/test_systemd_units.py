@@ -205,6 +205,8 @@ def test_service_key_settings():
     assert get("NotifyAccess") == "main"
     assert get("Restart") == "on-failure"
     assert get("ExecReload") == "/bin/kill -HUP $MAINPID"
+    # the main process stops its worker processes itself, in order
+    assert get("KillMode") == "mixed"
     assert 0 < timespan_secs(get("WatchdogSec")) <= 60
     assert get("DynamicUser") == "yes"
     assert get("StateDirectory") == "ingestd"
