@@ -55,7 +55,8 @@ async def honest(url: str, rate: float, seconds: float) -> list[float]:
         nonlocal failures
         started = now()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            async with s.post(f"{url}/wattmon", data=form(n, 1),
+            # 100 honest devices, each posting its next block
+            async with s.post(f"{url}/wattmon", data=form(n % 100, n // 100 + 1),
                               headers={"Content-Type": "application/x-www-form-urlencoded"}) as r:
                 ok = r.status == 200 and await r.text() == "OK"
         if ok:
