@@ -12,6 +12,8 @@ from ingestd import __version__
 from ingestd.config import Config, ConfigError, load_config, with_overrides
 from ingestd.daemon import Daemon
 from ingestd.logs import setup_logging
+from ingestd.simulate import add_arguments as add_simulate_arguments
+from ingestd.simulate import run as run_simulation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", help="where data is stored (overrides storage.data_dir)")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
+    simulate = commands.add_parser(
+        "simulate",
+        help="emulate a fleet of devices posting to a collector",
+        description="Emulate a fleet of Wattmon loggers or JSON pushers posting to URL, "
+        "with optional faults, and print a summary.",
+    )
+    add_simulate_arguments(simulate)
     args = parser.parse_args(argv)
+
+    if args.command == "simulate":
+        return run_simulation(args)
 
     if args.command == "check-config":
         try:

@@ -799,7 +799,8 @@ async def test_second_sigint_exits_at_once_and_a_restart_recovers(tmp_path, star
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
-    assert "forced_exit" in daemon.lines[-1], daemon.log()
+    # Workers may still log a line of their own after the main process left.
+    assert any("forced_exit" in line for line in daemon.lines), daemon.log()
 
     daemon = await start_daemon(data_dir)
     await asyncio.to_thread(check_store, data_dir, devices, [])
