@@ -369,14 +369,13 @@ async def run_worker(
         """The main process has checked the file already; apply it here too."""
         try:
             new = await asyncio.to_thread(load)
-        except ConfigError:
-            new = None  # the main process logged why
-        if new is not None:
             reload_config(app, new)
             if ssl_context is not None and new.server.tls_cert:
-                with contextlib.suppress(OSError, ssl.SSLError):
-                    reload_certificate(ssl_context, new.server.tls_cert, new.server.tls_key)
-        await storage.tell("reloaded", worker_id)
+                reload_certificate(ssl_context, new.server.tls_cert, new.server.tls_key)
+        except (ConfigError, OSError, ssl.SSLError):
+            pass  # the main process checked the same file and logged why
+        finally:
+            await storage.tell("reloaded", worker_id)
 
     reloads: set[asyncio.Task[None]] = set()
 
