@@ -11,6 +11,7 @@ class IngestError(Exception):
     status = 400
     code = "bad_request"
     retry_after_secs: int | None = None
+    device: str | None = None  # the device or stream, when known
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

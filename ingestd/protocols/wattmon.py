@@ -11,7 +11,14 @@ import hashlib
 import hmac
 import re
 
-from ingestd.errors import BadDeviceKey, BlockTooLarge, MalformedBlock, Md5Mismatch, MissingMd5
+from ingestd.errors import (
+    BadDeviceKey,
+    BlockTooLarge,
+    IngestError,
+    MalformedBlock,
+    Md5Mismatch,
+    MissingMd5,
+)
 from ingestd.protocols.forms import parse_form
 from ingestd.records import Quarantined, Record
 
@@ -42,6 +49,21 @@ def parse(
     if "key" not in fields:
         raise BadDeviceKey("key missing")
     mac = normalise_mac(fields["key"].strip())
+    try:
+        return _block(mac, fields, received_at, require_md5, max_rows, max_columns)
+    except IngestError as exc:
+        exc.device = mac  # so the log line names the device
+        raise
+
+
+def _block(
+    mac: str,
+    fields: dict[str, bytes],
+    received_at: float,
+    require_md5: bool,
+    max_rows: int,
+    max_columns: int,
+) -> Record | Quarantined | None:
     data = fields.get("data", b"")
     md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
     given = fields.get("md5sum", b"").strip()
