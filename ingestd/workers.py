@@ -36,6 +36,7 @@ from aiohttp import hdrs, web
 from ingestd.app import (
     CLOCK,
     CONFIG,
+    DEVICES,
     IN_FLIGHT,
     METRICS,
     PIPELINE,
@@ -56,6 +57,7 @@ _LENGTH = struct.Struct(">I")
 STORAGE_SOCKET = "storage.sock"
 CONTROL_SOCKET = "control.sock"
 TALLY_INTERVAL_SECS = 2.0
+MAX_PENDING_ERRORS = 10_000
 # Paths the main process answers: state lives there.
 PROXIED = ("/healthz", "/metrics", "/api/devices", "/", "/status")
 
@@ -148,10 +150,12 @@ class StorageServer:
         if kind == "commit":
             items: list[Item] = message[1]
             self._merge_tally(message[2])
+            self._merge_errors(message[3])
             results = await self._app[PIPELINE].submit_many(items)
             await send_message(writer, [encode_result(r) for r in results])
         elif kind == "tally":
             self._merge_tally(message[1])
+            self._merge_errors(message[2])
         elif kind == "hello":
             self._on_hello(message[1])
         elif kind == "reloaded":
@@ -160,6 +164,11 @@ class StorageServer:
     def _merge_tally(self, tally: dict[tuple[str, str], int]) -> None:
         if tally:
             self._app[METRICS].requests.update(tally)
+
+    def _merge_errors(self, errors: list[tuple[str, str, str, float]]) -> None:
+        """Requests a worker refused for a known device: the fleet view's last error."""
+        for protocol, device, code, at in errors:
+            self._app[DEVICES].on_error(protocol, device, code, at)
 
 
 def set_parent_death_signal() -> None:
@@ -184,6 +193,7 @@ class RemoteStorage:
         self._path = path
         self._tally = tally
         self._sent: Counter[tuple[str, str]] = Counter()
+        self._errors: list[tuple[str, str, str, float]] = []
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -196,7 +206,9 @@ class RemoteStorage:
         async with self._lock:
             try:
                 assert self._reader is not None and self._writer is not None
-                await send_message(self._writer, ("commit", items, self._tally_delta()))
+                await send_message(
+                    self._writer, ("commit", items, self._tally_delta(), self._take_errors())
+                )
                 reply = await read_message(self._reader)
             except (ConnectionError, AssertionError):
                 reply = None
@@ -207,10 +219,19 @@ class RemoteStorage:
 
     async def send_tally(self) -> None:
         async with self._lock:
-            delta = self._tally_delta()
-            if delta and self._writer is not None:
+            delta, errors = self._tally_delta(), self._take_errors()
+            if (delta or errors) and self._writer is not None:
                 with contextlib.suppress(ConnectionError):
-                    await send_message(self._writer, ("tally", delta))
+                    await send_message(self._writer, ("tally", delta, errors))
+
+    def report_error(self, protocol: str, device: str, code: str, at: float) -> None:
+        """A refused request of a known device, for the main process's registry."""
+        if len(self._errors) < MAX_PENDING_ERRORS:
+            self._errors.append((protocol, device, code, at))
+
+    def _take_errors(self) -> list[tuple[str, str, str, float]]:
+        errors, self._errors = self._errors, []
+        return errors
 
     async def tell(self, kind: str, worker_id: int) -> None:
         """`hello` once serving, `reloaded` after applying a SIGHUP."""
@@ -303,7 +324,7 @@ async def proxy_to_main(request: web.Request) -> web.Response:
             passed = {
                 name: value
                 for name, value in upstream.headers.items()
-                if name.lower() in ("content-type", "retry-after", "www-authenticate", "allow")
+                if name.lower() in PASSED_HEADERS
             }
             return web.Response(status=upstream.status, body=body, headers=passed)
     except aiohttp.ClientError:
@@ -313,6 +334,18 @@ async def proxy_to_main(request: web.Request) -> web.Response:
 
 
 CLIENT_HEADER = "X-Ingestd-Worker-Client"
+PASSED_HEADERS = frozenset(
+    {
+        "content-type",
+        "retry-after",
+        "www-authenticate",
+        "allow",
+        "cache-control",
+        "content-security-policy",
+        "referrer-policy",
+        "x-content-type-options",
+    }
+)
 
 
 @web.middleware
