@@ -93,6 +93,35 @@ class Pipeline:
         """Queue `item` and wait until it is stored (or refused)."""
         if self._closing:
             raise ShuttingDown("shutting down; retry later")
+        return await (await self._put(item))
+
+    async def submit_many(self, items: list[Item]) -> list[Outcome | IngestError]:
+        """Queue a batch (from a worker process) and wait for every result.
+
+        Refusals come back as errors in the list rather than raised.
+        """
+        if self._closing:
+            return [ShuttingDown("shutting down; retry later")] * len(items)
+        queued: list[asyncio.Future[Outcome] | IngestError] = []
+        for item in items:
+            try:
+                queued.append(await self._put(item))
+            except QueueFull as exc:
+                queued.append(exc)
+        results: list[Outcome | IngestError] = []
+        for entry in queued:
+            if isinstance(entry, IngestError):
+                results.append(entry)
+                continue
+            try:
+                results.append(await entry)
+            except IngestError as exc:
+                results.append(exc)
+        return results
+
+    async def _put(self, item: Item) -> asyncio.Future[Outcome]:
+        """Queue `item`, waiting up to the deadline for room, else QueueFull;
+        return the future the writer resolves."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         entry = (item, future)
         try:
@@ -102,35 +131,7 @@ class Pipeline:
                 await asyncio.wait_for(self._queue.put(entry), self._enqueue_timeout)
             except TimeoutError:
                 raise QueueFull("queue full; retry later") from None
-        return await future
-
-    async def submit_many(self, items: list[Item]) -> list[Outcome | IngestError]:
-        """Queue a batch (from a worker process) and wait for every result.
-
-        Refusals come back as errors in the list rather than raised.
-        """
-        if self._closing:
-            return [ShuttingDown("shutting down; retry later")] * len(items)
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Outcome]] = []
-        results: list[Outcome | IngestError] = []
-        for item in items:
-            future: asyncio.Future[Outcome] = loop.create_future()
-            entry = (item, future)
-            try:
-                self._queue.put_nowait(entry)
-            except asyncio.QueueFull:
-                try:
-                    await asyncio.wait_for(self._queue.put(entry), self._enqueue_timeout)
-                except TimeoutError:
-                    future.set_exception(QueueFull("queue full; retry later"))
-            futures.append(future)
-        for future in futures:
-            try:
-                results.append(await future)
-            except IngestError as exc:
-                results.append(exc)
-        return results
+        return future
 
     async def close(self) -> None:
         """Store everything queued, then stop the writer. Idempotent."""
