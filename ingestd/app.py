@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,6 +27,9 @@ from ingestd.pipeline import Pipeline
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.sinks.file import FileSink
 from ingestd.sinks.housekeeping import Retention, sweep
+
+if TYPE_CHECKING:
+    from ingestd.sinks.jetstream import JetStreamSink
 
 log = logging.getLogger("ingestd.http")
 
@@ -85,8 +89,13 @@ IN_FLIGHT = web.AppKey("in_flight", InFlight)
 CLOCK = web.AppKey("clock", Callable[[], float])
 PIPELINE = web.AppKey("pipeline", Pipeline)
 SINK = web.AppKey("sink", FileSink)
+# Set only when a route sends records to JetStream.
+JETSTREAM: web.AppKey[JetStreamSink] = web.AppKey("jetstream")
 DEVICES = web.AppKey("devices", DeviceRegistry)
 METRICS = web.AppKey("metrics", Metrics)
+# (protocol, device, error code, time) of a refused request from a known
+# device: the registry here; in a worker process, forwarded to the main one.
+REPORT_ERROR = web.AppKey("report_error", Callable[[str, str, str, float], None])
 
 # Set by the handlers, read by the middleware that counts requests.
 PROTOCOL_OF = web.RequestKey("protocol", str)
@@ -96,15 +105,17 @@ OK_BODY = "OK"
 
 
 def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[trust_worker_client, error_middleware])
     app[CONFIG] = LiveConfig(config)
     app[CLOCK] = clock
     app[DEVICES] = DeviceRegistry()
     app[METRICS] = Metrics()
     app[IN_FLIGHT] = InFlight()
+    app[REPORT_ERROR] = app[DEVICES].on_error
     # The pipeline context is registered first, so it is torn down last.
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
+    app.cleanup_ctx.append(fleet.scan_ctx)  # devices already on disk, in the background
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/devices", fleet.api_devices)
@@ -139,9 +150,27 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     sink = FileSink(config.data_dir, config.storage)
     sink.observe = metrics.observe_storage
     await sink.open()
+    commit, probe = sink.commit, sink.probe
+    jetstream: JetStreamSink | None = None
+    # `sink` is restart-only, so the routes are fixed for this run; with no
+    # route on JetStream the writer calls the file sink directly.
+    routes = {wattmon.PROTOCOL: config.wattmon.sink, jsonpost.PROTOCOL: config.json.sink}
+    if any(route != "file" for route in routes.values()):
+        # Imported here: nats-py is needed only when a route uses JetStream.
+        from ingestd.sinks.jetstream import Fanout, JetStreamSink
+
+        jetstream = JetStreamSink(config.jetstream, max_pending=config.storage.batch_max_records)
+        try:
+            await jetstream.open()  # connects in the background; 503 until then
+        except BaseException:
+            await sink.close()
+            raise
+        fanout = Fanout(sink, jetstream, routes)
+        commit, probe = fanout.commit, fanout.probe
+        app[JETSTREAM] = jetstream
     pipeline = Pipeline(
-        sink.commit,
-        sink.probe,
+        commit,
+        probe,
         max_records=config.storage.queue_max_records,
         enqueue_timeout_secs=config.storage.enqueue_timeout_secs,
         batch_max_records=config.storage.batch_max_records,
@@ -149,14 +178,18 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         observe_batch=metrics.observe_batch,
     )
     pipeline.start()
-    metrics.watch(pipeline, app[DEVICES], lambda: sink.open_devices)
+    metrics.watch(pipeline, app[DEVICES], lambda: sink.open_devices, jetstream)
     app[SINK] = sink
     app[PIPELINE] = pipeline
     try:
         yield
     finally:
-        await pipeline.close()
-        await sink.close()
+        try:
+            await pipeline.close()
+            await sink.close()
+        finally:
+            if jetstream is not None:
+                await jetstream.close()
 
 
 async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -258,18 +291,26 @@ async def wattmon_post(request: web.Request, live: LiveConfig) -> web.Response:
     config = live.current
     body = await read_body(request, config)
     now = app[CLOCK]()
-    item = await off_loop_if_large(
-        len(body),
-        functools.partial(
-            wattmon.parse,
-            body,
-            request.headers.get(hdrs.CONTENT_TYPE, ""),
-            received_at=now,
-            require_md5=config.wattmon.require_md5,
-            max_rows=config.wattmon.max_rows,
-            max_columns=config.wattmon.max_columns,
-        ),
-    )
+    try:
+        item = await off_loop_if_large(
+            len(body),
+            functools.partial(
+                wattmon.parse,
+                body,
+                request.headers.get(hdrs.CONTENT_TYPE, ""),
+                received_at=now,
+                require_md5=config.wattmon.require_md5,
+                max_rows=config.wattmon.max_rows,
+                max_columns=config.wattmon.max_columns,
+            ),
+        )
+    except IngestError as exc:
+        # A known device's refused block (bad MD5, too large) is its last
+        # error in the fleet view; a device not allowed stays unknown.
+        mac = exc.device
+        if mac is not None and (live.allowed_macs is None or mac in live.allowed_macs):
+            app[REPORT_ERROR](wattmon.PROTOCOL, mac, exc.code, now)
+        raise
     if item is None:
         request[OUTCOME_OF] = "empty"
         return web.Response(text=OK_BODY)
@@ -290,18 +331,23 @@ async def json_post(request: web.Request, live: LiveConfig, remote: str) -> web.
     now = app[CLOCK]()
     live.limiters[jsonpost.PROTOCOL].check(stream, now)
     body = await read_body(request, config)
-    record = await off_loop_if_large(
-        len(body),
-        functools.partial(
-            jsonpost.parse,
-            body,
-            path=request.path,
-            remote=remote,
-            received_at=now,
-            idempotency_key=request.headers.get("Idempotency-Key"),
-            max_depth=config.json.max_depth,
-        ),
-    )
+    try:
+        record = await off_loop_if_large(
+            len(body),
+            functools.partial(
+                jsonpost.parse,
+                body,
+                path=request.path,
+                remote=remote,
+                received_at=now,
+                idempotency_key=request.headers.get("Idempotency-Key"),
+                max_depth=config.json.max_depth,
+            ),
+        )
+    except IngestError as exc:
+        exc.device = stream
+        app[REPORT_ERROR](jsonpost.PROTOCOL, stream, exc.code, now)
+        raise
     outcome = await app[PIPELINE].submit(record)
     request[OUTCOME_OF] = outcome.value
     return web.Response(text=OK_BODY)
@@ -311,6 +357,10 @@ async def healthz(request: web.Request) -> web.Response:
     pipeline = request.app[PIPELINE]
     if not pipeline.accepting:
         return error_response(503, "shutting down")
+    # Before storage_ok, which a JetStream outage also clears: name the cause.
+    jetstream = request.app.get(JETSTREAM)
+    if jetstream is not None and not jetstream.healthy:
+        return error_response(503, "jetstream unavailable")
     if not pipeline.stats.storage_ok:
         return error_response(503, "storage failing")
     return web.Response(text=OK_BODY)
@@ -324,6 +374,22 @@ async def metrics(request: web.Request) -> web.Response:
 def error_response(status: int, message: str, retry_after: int | None = None) -> web.Response:
     headers = {hdrs.RETRY_AFTER: str(retry_after)} if retry_after is not None else None
     return web.Response(status=status, text=f"ERROR: {message}", headers=headers)
+
+
+# Worker processes pass state requests to the main process over a private
+# Unix socket, naming the device's address in this header.
+CLIENT_HEADER = "X-Ingestd-Worker-Client"
+
+
+@web.middleware
+async def trust_worker_client(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Believe the worker's header only on the private socket, never from TCP."""
+    client = request.headers.get(CLIENT_HEADER)
+    if client is not None:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            request = request.clone(remote=client)
+    return await handler(request)
 
 
 @web.middleware
@@ -347,8 +413,9 @@ async def _answer(request: web.Request, handler: web.Handler) -> web.StreamRespo
         outcome = request.get(OUTCOME_OF)
     except IngestError as exc:
         log.info(
-            "rejected status=%d code=%s path=%s remote=%s",
-            exc.status, exc.code, _safe(request.path), _safe(request.remote or ""),
+            "rejected status=%d code=%s device=%s path=%s remote=%s",
+            exc.status, exc.code, exc.device or "-", _safe(request.path),
+            _safe(request.remote or ""),
         )
         response = error_response(exc.status, exc.message, exc.retry_after_secs)
         if exc.status == 401:

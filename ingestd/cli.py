@@ -12,6 +12,8 @@ from ingestd import __version__
 from ingestd.config import Config, ConfigError, load_config, with_overrides
 from ingestd.daemon import Daemon
 from ingestd.logs import setup_logging
+from ingestd.export import add_arguments as add_export_arguments
+from ingestd.export import command as run_export
 from ingestd.simulate import add_arguments as add_simulate_arguments
 from ingestd.simulate import run as run_simulation
 
@@ -35,7 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         "with optional faults, and print a summary.",
     )
     add_simulate_arguments(simulate)
+    export = commands.add_parser(
+        "export",
+        help="rebuild the per-device files from the JetStream stream",
+        description="Read ingestd's JetStream stream back and write the per-device files "
+        "under --out, as the file sink would.",
+    )
+    add_export_arguments(export)
     args = parser.parse_args(argv)
+
+    if args.command == "export":
+        return run_export(args)
 
     if args.command == "simulate":
         return run_simulation(args)

@@ -6,8 +6,10 @@ Every setting has a default, so an empty file (or none) is a working config.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -131,16 +133,23 @@ class JetStreamConfig:
     """The NATS JetStream sink, for routes whose `sink` names it."""
 
     servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    # Created if missing (file storage), capturing `<subject_prefix>.>`.
     stream: str = "INGESTD"
     subject_prefix: str = "ingestd"
     replicas: int = 1
     max_age_days: float = 0.0  # stream retention; 0: keep until limits
+    # The server drops a message whose Nats-Msg-Id it stored this recently:
+    # a device's resend within the window is stored once.
+    duplicate_window_secs: float = 120.0
+    # No ack within this: the device gets 503 and resends.
     publish_timeout_secs: float = 5.0
+    reconnect_wait_secs: float = 2.0
+    # Authentication: a token, a user and password, or a .creds file.
     token: str = ""
     user: str = ""
     password: str = ""
     creds_file: str = ""
-    tls_ca: str = ""
+    tls_ca: str = ""  # PEM bundle to verify tls:// servers with
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +284,43 @@ def validate(config: Config) -> Config:
             raise ConfigError(
                 f"wattmon.paths: {path!r} must start with / and not be one of {RESERVED_PATHS}"
             )
+    sinks = (config.wattmon.sink, config.json.sink)
+    _jetstream(config.jetstream, used=any(sink != "file" for sink in sinks))
     return config
+
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,255}")
+_SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
+
+
+def _jetstream(js: JetStreamConfig, *, used: bool) -> None:
+    if not js.servers or any(not s or any(c.isspace() for c in s) for s in js.servers):
+        raise ConfigError("jetstream.servers: expected one or more URLs, e.g. nats://host:4222")
+    if not _STREAM_NAME.fullmatch(js.stream):
+        raise ConfigError("jetstream.stream: 1-255 of A-Z a-z 0-9 _ -")
+    if not all(_SUBJECT_TOKEN.fullmatch(t) for t in js.subject_prefix.split(".")):
+        raise ConfigError(
+            "jetstream.subject_prefix: dot-separated tokens without spaces, * or >"
+        )
+    if not 1 <= js.replicas <= 5:
+        raise ConfigError(f"jetstream.replicas: must be 1 to 5, got {js.replicas}")
+    if js.max_age_days < 0:
+        raise ConfigError("jetstream.max_age_days: must be 0 (no limit) or more")
+    for name in ("duplicate_window_secs", "publish_timeout_secs", "reconnect_wait_secs"):
+        _positive(f"jetstream.{name}", getattr(js, name))
+    if js.max_age_days and js.duplicate_window_secs > js.max_age_days * 86400:
+        raise ConfigError("jetstream.duplicate_window_secs: must not exceed max_age_days")
+    if js.password and not js.user:
+        raise ConfigError("jetstream.password: set jetstream.user too")
+    if sum(bool(x) for x in (js.token, js.user, js.creds_file)) > 1:
+        raise ConfigError("jetstream: set one of token, user and password, or creds_file")
+    if used:
+        for name in ("creds_file", "tls_ca"):
+            path = getattr(js, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"jetstream.{name}: {path} is not a file")
+        if js.creds_file and importlib.util.find_spec("nkeys") is None:
+            raise ConfigError("jetstream.creds_file: needs the nkeys package (nats-py[nkeys])")
 
 
 RESERVED_PATHS = ("/healthz", "/metrics", "/", "/status", "/api/devices")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -54,9 +55,15 @@ class Metrics:
         (self.sync_seconds if what == "log_sync" else self.write_seconds).observe(seconds)
 
     def watch(
-        self, pipeline: Pipeline, devices: DeviceRegistry, open_handles: Callable[[], int]
+        self,
+        pipeline: Pipeline,
+        devices: DeviceRegistry,
+        open_handles: Callable[[], int],
+        jetstream: Any = None,
     ) -> None:
         self.registry.register(_StateCollector(self.requests, pipeline, devices, open_handles))
+        if jetstream is not None:
+            self.registry.register(_JetStreamCollector(jetstream))
 
 
 class _StateCollector(Collector):
@@ -97,3 +104,20 @@ class _StateCollector(Collector):
                                 value=self._open_handles())
         yield GaugeMetricFamily("ingestd_storage_ok", "1 while storage accepts writes",
                                 value=1 if stats.storage_ok else 0)
+
+
+class _JetStreamCollector(Collector):
+    """The JetStream sink's state, when a route uses it."""
+
+    def __init__(self, sink: Any) -> None:
+        self._sink = sink
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("ingestd_jetstream_up", "1 while JetStream takes records",
+                                value=1 if self._sink.healthy else 0)
+        yield GaugeMetricFamily("ingestd_jetstream_connected", "1 while connected to NATS",
+                                value=1 if self._sink.connected else 0)
+        stats = self._sink.stats
+        for name in ("published", "duplicates", "failures", "disconnects"):
+            yield CounterMetricFamily(f"ingestd_jetstream_{name}",
+                                      f"JetStream {name} since start", value=getattr(stats, name))

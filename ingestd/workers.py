@@ -34,12 +34,14 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from ingestd.app import (
+    CLIENT_HEADER,
     CLOCK,
     CONFIG,
     DEVICES,
     IN_FLIGHT,
     METRICS,
     PIPELINE,
+    REPORT_ERROR,
     InFlight,
     LiveConfig,
     dispatch,
@@ -260,6 +262,7 @@ def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> we
     app[CLOCK] = time.time
     app[METRICS] = Metrics()
     app[IN_FLIGHT] = InFlight()
+    app[REPORT_ERROR] = storage.report_error
     storage._tally = app[METRICS].requests
 
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -333,7 +336,6 @@ async def proxy_to_main(request: web.Request) -> web.Response:
         )
 
 
-CLIENT_HEADER = "X-Ingestd-Worker-Client"
 PASSED_HEADERS = frozenset(
     {
         "content-type",
@@ -346,17 +348,6 @@ PASSED_HEADERS = frozenset(
         "x-content-type-options",
     }
 )
-
-
-@web.middleware
-async def trust_worker_client(request: web.Request, handler: Any) -> web.StreamResponse:
-    """On the main process's private socket: the device's address the worker saw."""
-    client = request.headers.get(CLIENT_HEADER)
-    transport = request.transport
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if client is not None and sock is not None and sock.family == socket.AF_UNIX:
-        request = request.clone(remote=client)
-    return await handler(request)
 
 
 async def run_worker(

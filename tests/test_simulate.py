@@ -216,7 +216,8 @@ async def test_everything_acknowledged_is_stored_exactly_once(
     expected: dict[str, list[dict[str, Any]]] = {}
     for doc in sorted(record, key=lambda r: (r["stream"], r["seq"])):
         assert doc["stream"] == "site-a_" + doc["device"]
-        expected.setdefault(doc["stream"], []).append(doc)
+        if doc["acknowledged"]:  # one due at the very end may not have been sent
+            expected.setdefault(doc["stream"], []).append(doc)
     assert set(streams) == set(expected)
     for stream, lines in streams.items():
         assert [line["body"] for line in lines] == [d["document"] for d in expected[stream]]
