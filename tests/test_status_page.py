@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import asyncio
 import hashlib
 import threading
@@ -161,10 +163,11 @@ def test_status_page(daemon: DaemonProcess, browser: webdriver.Chrome, tmp_path:
             " document.documentElement.scrollHeight];"
         )
         browser.set_window_size(1480, chrome + height)
-        browser.save_screenshot(str(tmp_path / "status-page.png"))
-        DOCS_SCREENSHOT.parent.mkdir(exist_ok=True)
-        browser.save_screenshot(str(DOCS_SCREENSHOT))
-        assert DOCS_SCREENSHOT.stat().st_size < 200 * 1024
+        shot = tmp_path / "status-page.png"  # for a person to look at
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10 * 1024
+        if os.environ.get("INGESTD_UPDATE_SCREENSHOT"):  # the README's picture
+            browser.save_screenshot(str(DOCS_SCREENSHOT))
 
         # Sorting by a column keeps the silent device on top.
         browser.find_element(By.CSS_SELECTOR, "th[data-key=id] button").click()
