@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,7 +264,7 @@ class DeviceFiles:
                 paths.append(f"{self.folder}/{self._fd_name.name}")
             paths.append(f"{self.folder}/{KEYS_NAME}")
             if self._created_file:
-                paths.append(str(self.folder))
+                paths.append(f"{self.folder}/")  # a folder: its entries
                 self._created_file = False
             self.dirty = False
         return paths
@@ -286,10 +287,18 @@ class DeviceFiles:
             self._fd_name = None
 
 
-def sync_paths(paths: list[str]) -> None:
+def sync_paths(paths: list[str], spread_secs: float = 0.0) -> None:
     """fsync each file or folder by path; one moved or deleted meanwhile is
-    skipped (an operator took it). Raises OSError for any other failure."""
+    skipped (an operator took it). Raises OSError for any other failure.
+
+    `spread_secs` paces the fsyncs over that time, so the disk keeps serving
+    the write-ahead log's syncs in between (a smoothed checkpoint, as
+    PostgreSQL's checkpoint_completion_target does).
+    """
+    pause = spread_secs / len(paths) if paths else 0.0
     for path in paths:
+        if pause:
+            time.sleep(pause)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
