@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, TypeVar
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
-from ingestd.devices import DeviceRegistry
 from ingestd import fleet
 from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
+from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
+from ingestd.devices import DeviceRegistry
 from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
 from ingestd.logs import setup_logging
 from ingestd.metrics import Metrics

@@ -11,9 +11,9 @@ import uvloop
 from ingestd import __version__
 from ingestd.config import Config, ConfigError, load_config, with_overrides
 from ingestd.daemon import Daemon
-from ingestd.logs import setup_logging
 from ingestd.export import add_arguments as add_export_arguments
 from ingestd.export import command as run_export
+from ingestd.logs import setup_logging
 from ingestd.simulate import add_arguments as add_simulate_arguments
 from ingestd.simulate import run as run_simulation
 

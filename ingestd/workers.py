@@ -81,7 +81,7 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
     except asyncio.IncompleteReadError:
         return None
     # Both ends are this program, over a socket in a private 0700 folder.
-    return pickle.loads(blob)  # noqa: S301
+    return pickle.loads(blob)
 
 
 def encode_result(result: Outcome | IngestError) -> object:
@@ -355,9 +355,8 @@ async def run_worker(
 ) -> int:
     """One worker: serve the inherited sockets until SIGTERM, then drain."""
     from ingestd.app import reload_config
-    from ingestd.tls import reload_certificate, server_context
-
     from ingestd.daemon import raise_open_file_limit
+    from ingestd.tls import reload_certificate, server_context
 
     raise_open_file_limit()
     set_parent_death_signal()

@@ -23,7 +23,7 @@ def parse_form(body: bytes, content_type: str, wanted: frozenset[str]) -> dict[s
     A wanted field given twice is an error (which copy would be right?);
     other fields are ignored but counted against MAX_FIELDS.
     """
-    mime, _, params = content_type.partition(";")
+    mime, _, _ = content_type.partition(";")
     mime = mime.strip().lower()
     # Some HTTP stacks on small devices send no Content-Type for a form post.
     if mime in ("application/x-www-form-urlencoded", ""):

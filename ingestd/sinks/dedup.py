@@ -18,7 +18,7 @@ def key_bytes(key: str) -> bytes:
 
 
 class DedupWindow:
-    __slots__ = ("_keys", "_max_blocks", "_max_age", "_times")
+    __slots__ = ("_keys", "_max_age", "_max_blocks", "_times")
 
     def __init__(self, max_blocks: int, max_age_secs: float) -> None:
         self._keys = bytearray()

@@ -41,11 +41,11 @@ class PlannedWrite:
 
 class DeviceFiles:
     __slots__ = (
+        "_checked_at",
         "_created_file",
         "_fd",
-        "_fd_name",
-        "_checked_at",
         "_fd_ino",
+        "_fd_name",
         "_keys_fd",
         "_pending_keys",
         "current",

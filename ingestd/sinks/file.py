@@ -14,7 +14,6 @@ whatever followed it (never acknowledged).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
