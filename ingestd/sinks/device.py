@@ -230,9 +230,15 @@ class DeviceFiles:
         return self._fd
 
     def _append_keys(self, writes: list[PlannedWrite]) -> None:
-        self._pending_keys += [
-            f"{w.key} {w.received_at:.3f}\n" for w in writes if w.key is not None
-        ]
+        keys = [f"{w.key} {w.received_at:.3f}\n" for w in writes if w.key is not None]
+        if keys and self._keys_fd is None:
+            # Create the key file with the device's first keyed write, not at
+            # a checkpoint: a new fleet would otherwise create thousands at once
+            # and hold up every batch behind them.
+            self._keys_fd = os.open(
+                self.folder / KEYS_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+            )
+        self._pending_keys += keys
 
     def _flush_keys(self) -> None:
         if not self._pending_keys:
