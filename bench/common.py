@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import threading
 import re
 import signal
 import subprocess
@@ -49,7 +51,9 @@ def start_ingestd(data_dir: Path, config: str = "", cores: str | None = None) ->
             raise RuntimeError("ingestd exited")
         match = re.search(rb"listening address=\S+:(\d+)", line)
         if match:
-            os.set_blocking(proc.stderr.fileno(), False)
+            # Keep reading its log, or a full pipe would stall its logging.
+            log = open(data_dir.parent / "ingestd.log", "wb")  # noqa: SIM115
+            threading.Thread(target=shutil.copyfileobj, args=(proc.stderr, log), daemon=True).start()
             return proc, int(match[1])
 
 

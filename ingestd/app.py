@@ -21,7 +21,7 @@ from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
 from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
 from ingestd.devices import DeviceRegistry
 from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
-from ingestd.logs import setup_logging
+from ingestd.logs import Throttle, setup_logging
 from ingestd.metrics import Metrics
 from ingestd.pipeline import Pipeline
 from ingestd.protocols import jsonpost, wattmon
@@ -95,6 +95,8 @@ DEVICES = web.AppKey("devices", DeviceRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 # (protocol, device, error code, time) of a refused request from a known
 # device: the registry here; in a worker process, forwarded to the main one.
+# Refusals are logged at most 10 a second per error code.
+LOG_THROTTLE = web.AppKey("log_throttle", Throttle)
 REPORT_ERROR = web.AppKey("report_error", Callable[[str, str, str, float], None])
 
 # Set by the handlers, read by the middleware that counts requests.
@@ -112,6 +114,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app[METRICS] = Metrics()
     app[IN_FLIGHT] = InFlight()
     app[REPORT_ERROR] = app[DEVICES].on_error
+    app[LOG_THROTTLE] = Throttle()
     # The pipeline context is registered first, so it is torn down last.
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
@@ -412,11 +415,13 @@ async def _answer(request: web.Request, handler: web.Handler) -> web.StreamRespo
         response = await handler(request)
         outcome = request.get(OUTCOME_OF)
     except IngestError as exc:
-        log.info(
-            "rejected status=%d code=%s device=%s path=%s remote=%s",
-            exc.status, exc.code, exc.device or "-", _safe(request.path),
-            _safe(request.remote or ""),
-        )
+        allowed, held_back = request.app[LOG_THROTTLE].allow(exc.code)
+        if allowed:
+            log.info(
+                "rejected status=%d code=%s device=%s path=%s remote=%s held_back=%d",
+                exc.status, exc.code, exc.device or "-", _safe(request.path),
+                _safe(request.remote or ""), held_back,
+            )
         response = error_response(exc.status, exc.message, exc.retry_after_secs)
         if exc.status == 401:
             response.headers[hdrs.WWW_AUTHENTICATE] = 'Basic realm="ingestd"'

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from ingestd.app import DEVICES, IN_FLIGHT, PIPELINE, SINK, make_app, reload_config
 from ingestd.config import Config, ConfigError, parse_listen
+from ingestd.logs import flush_logs
 from ingestd.supervisor import WorkerError, WorkerPool, bind
 from ingestd.systemd import Notifier, listen_sockets
 from ingestd.tls import reload_certificate, server_context
@@ -121,6 +122,7 @@ class Daemon:
     def _on_stop_signal(self, signum: int) -> None:
         if self._stop.is_set() and signum == signal.SIGINT:
             log.error("forced_exit: second SIGINT, queued records are not stored")
+            flush_logs()
             os._exit(1)
         log.info("stopping signal=%s", signal.Signals(signum).name)
         self._stop.set()

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ingestd.devices import DeviceRegistry
+from ingestd.logs import DroppingQueueHandler
 from ingestd.pipeline import Pipeline
 
 RequestTally = Counter[tuple[str, str]]  # (protocol, outcome) -> requests
@@ -104,6 +105,9 @@ class _StateCollector(Collector):
                                 value=self._open_handles())
         yield GaugeMetricFamily("ingestd_storage_ok", "1 while storage accepts writes",
                                 value=1 if stats.storage_ok else 0)
+        yield CounterMetricFamily("ingestd_log_lines_dropped",
+                                  "Log lines dropped because stderr could not keep up",
+                                  value=DroppingQueueHandler.dropped)
 
 
 class _JetStreamCollector(Collector):

@@ -39,6 +39,7 @@ from ingestd.app import (
     CONFIG,
     DEVICES,
     IN_FLIGHT,
+    LOG_THROTTLE,
     METRICS,
     PIPELINE,
     REPORT_ERROR,
@@ -49,6 +50,7 @@ from ingestd.app import (
 )
 from ingestd.config import Config, ConfigError
 from ingestd.errors import IngestError, StorageFailed
+from ingestd.logs import Throttle
 from ingestd.metrics import Metrics
 from ingestd.pipeline import Item, Pipeline
 from ingestd.records import Outcome
@@ -263,6 +265,7 @@ def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> we
     app[METRICS] = Metrics()
     app[IN_FLIGHT] = InFlight()
     app[REPORT_ERROR] = storage.report_error
+    app[LOG_THROTTLE] = Throttle()
     storage._tally = app[METRICS].requests
 
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
