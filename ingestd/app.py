@@ -107,7 +107,7 @@ OK_BODY = "OK"
 
 
 def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
-    app = web.Application(middlewares=[trust_worker_client, error_middleware])
+    app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = LiveConfig(config)
     app[CLOCK] = clock
     app[DEVICES] = DeviceRegistry()
@@ -384,15 +384,15 @@ def error_response(status: int, message: str, retry_after: int | None = None) ->
 CLIENT_HEADER = "X-Ingestd-Worker-Client"
 
 
-@web.middleware
-async def trust_worker_client(request: web.Request, handler: web.Handler) -> web.StreamResponse:
-    """Believe the worker's header only on the private socket, never from TCP."""
+def _worker_client(request: web.Request) -> web.Request:
+    """On the main process's private socket only: the device's address the
+    worker saw. Never believed from TCP."""
     client = request.headers.get(CLIENT_HEADER)
     if client is not None:
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if sock is not None and sock.family == socket.AF_UNIX:
-            request = request.clone(remote=client)
-    return await handler(request)
+            return request.clone(remote=client)
+    return request
 
 
 @web.middleware
@@ -402,6 +402,7 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     Also counts each device request by protocol and outcome for /metrics,
     and the requests in flight, which a stop waits for.
     """
+    request = _worker_client(request)
     in_flight = request.app[IN_FLIGHT]
     in_flight.enter(request.protocol)
     try:

@@ -120,6 +120,5 @@ class RequestTimeout(IngestError):
     code = "too_slow"
 
 
-class BlockTooLarge(IngestError):
-    status = 413
-    code = "too_large"
+class BlockTooLarge(BodyTooLarge):
+    """More CSV rows or columns than the configured limits."""

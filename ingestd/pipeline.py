@@ -35,9 +35,7 @@ class PipelineStats:
     duplicates: int = 0
     quarantined: int = 0
     storage_errors: int = 0
-    last_batch_size: int = 0
     storage_ok: bool = True
-    started_at: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
 
 
@@ -177,7 +175,6 @@ class Pipeline:
             results = [StorageFailed(f"storage failed ({type(exc).__name__})")] * len(batch)
         stats = self.stats
         stats.batches += 1
-        stats.last_batch_size = len(batch)
         stats.last_progress = time.monotonic()
         if self._observe_batch is not None:
             self._observe_batch(len(batch), time.perf_counter() - started)

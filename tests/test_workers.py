@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import signal
 from pathlib import Path
 
 import aiohttp
-from conftest import FORM, wattmon_form
+from conftest import FORM, make_config, wattmon_form
 from daemon import DaemonProcess, write_config
 
 
@@ -120,3 +121,34 @@ async def test_metrics_and_device_counts_cover_every_worker(tmp_path):
     assert "ingestd_devices_seen 12.0" in text
     digest = hashlib.md5(block(0, 0).encode()).hexdigest()
     assert (tmp_path / "data" / "wattmon" / mac(0) / ".ingestd-keys").read_text().startswith(digest)
+
+
+async def test_state_requests_are_checked_against_the_devices_address(tmp_path):
+    """Workers pass /api/devices to the main process over a Unix socket,
+    naming the client's address; access rules apply to that address."""
+    config = write_config(tmp_path / "ingestd.toml", (
+        '[server]\nworkers = 2\n[status]\nallowed_networks = ["127.0.0.0/8"]\n'
+    ))
+    daemon = await DaemonProcess.start(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{daemon.url}/api/devices") as resp:
+                assert resp.status == 200, await resp.text()
+            # A client cannot name another address through the private header.
+            forged = {"X-Ingestd-Worker-Client": "10.1.2.3"}
+            async with session.get(f"{daemon.url}/api/devices", headers=forged) as resp:
+                assert resp.status == 200
+    finally:
+        assert await daemon.stop() == 0
+
+
+async def test_forged_worker_header_over_tcp_is_ignored(start_client, tmp_path):
+    config = make_config(tmp_path / "data")
+    config = dataclasses.replace(
+        config, status=dataclasses.replace(config.status, allowed_networks=("10.0.0.0/8",))
+    )
+    client = await start_client(config)
+    resp = await client.get("/api/devices", headers={"X-Ingestd-Worker-Client": "10.1.2.3"})
+    assert resp.status == 403
