@@ -24,6 +24,7 @@ from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
 from ingestd.logs import Throttle, setup_logging
 from ingestd.metrics import Metrics
 from ingestd.pipeline import Pipeline
+from ingestd.records import Quarantined, Record
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.sinks.file import FileSink
 from ingestd.sinks.housekeeping import Retention, sweep
@@ -224,27 +225,55 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
         executor.shutdown(wait=False, cancel_futures=True)
 
 
+# The state routes; every other path is a device route (see `protocol_of`).
+STATE_PATHS = ("/healthz", "/metrics", "/api/devices", "/", "/status")
+
+
+def protocol_of(config: Config, path: str) -> str | None:
+    """Which protocol a device path is for, or None (404)."""
+    if path in config.wattmon.paths:
+        return wattmon.PROTOCOL
+    if config.json.enabled:
+        return jsonpost.PROTOCOL
+    return None
+
+
+def check_access(
+    live: LiveConfig,
+    protocol: str,
+    peer: str,
+    forwarded_for: list[str] | None,
+    query_string: str,
+    authorization: str | None,
+) -> str:
+    """Network and token checks, which need no body; returns the client address."""
+    # Every X-Forwarded-For line: a proxy may add its own after a forged one.
+    remote = client_address(
+        peer, ", ".join(forwarded_for) if forwarded_for else None, live.trusted_proxies
+    )
+    policy = live.policies[protocol]
+    policy.check_network(remote)
+    policy.check_token(query_string, authorization)
+    return remote
+
+
 async def dispatch(request: web.Request) -> web.Response:
     """Route a device request, after the checks that need no body."""
     live = request.app[CONFIG]
-    config = live.current
-    if request.path in config.wattmon.paths:
-        protocol = wattmon.PROTOCOL
-    elif config.json.enabled:
-        protocol = jsonpost.PROTOCOL
-    else:
+    protocol = protocol_of(live.current, request.path)
+    if protocol is None:
         raise web.HTTPNotFound()
     request[PROTOCOL_OF] = protocol
     if request.method != hdrs.METH_POST:
         raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
-    # Every X-Forwarded-For line: a proxy may add its own after a forged one.
-    forwarded = request.headers.getall("X-Forwarded-For", None)
-    remote = client_address(
-        request.remote or "", ", ".join(forwarded) if forwarded else None, live.trusted_proxies
+    remote = check_access(
+        live,
+        protocol,
+        request.remote or "",
+        request.headers.getall("X-Forwarded-For", None),
+        request.query_string,
+        request.headers.get(hdrs.AUTHORIZATION),
     )
-    policy = live.policies[protocol]
-    policy.check_network(remote)
-    policy.check_token(request.query_string, request.headers.get(hdrs.AUTHORIZATION))
     if protocol == wattmon.PROTOCOL:
         return await wattmon_post(request, live)
     return await json_post(request, live, remote)
@@ -289,37 +318,91 @@ async def off_loop_if_large(size: int, parse: Callable[[], T]) -> T:
     return await asyncio.to_thread(parse)
 
 
+# -- the steps of a device post, shared by aiohttp's handlers and the fast path
+# (ingestd.fastpath). Parsing is pure, so it may run in a thread; the steps
+# around it touch shared state and run on the loop.
+
+Parsed = Record | Quarantined | None | IngestError
+
+
+def parse_wattmon(config: Config, body: bytes, content_type: str, now: float) -> Parsed:
+    """The block, None (no data), or the refusal, returned rather than raised."""
+    try:
+        return wattmon.parse(
+            body,
+            content_type,
+            received_at=now,
+            require_md5=config.wattmon.require_md5,
+            max_rows=config.wattmon.max_rows,
+            max_columns=config.wattmon.max_columns,
+        )
+    except IngestError as exc:
+        return exc
+
+
+def admit_wattmon(
+    app: web.Application, live: LiveConfig, parsed: Parsed, now: float
+) -> Record | Quarantined | None:
+    """Raise the parse's refusal, or the device's (not allowed, rate limited)."""
+    if isinstance(parsed, IngestError):
+        # A known device's refused block (bad MD5, too large) is its last
+        # error in the fleet view; a device not allowed stays unknown.
+        mac = parsed.device
+        if mac is not None and (live.allowed_macs is None or mac in live.allowed_macs):
+            app[REPORT_ERROR](wattmon.PROTOCOL, mac, parsed.code, now)
+        raise parsed
+    if parsed is None:
+        return None
+    if live.allowed_macs is not None and parsed.device_id not in live.allowed_macs:
+        raise Forbidden("device not allowed")
+    live.limiters[wattmon.PROTOCOL].check(parsed.device_id, now)
+    return parsed
+
+
+def admit_stream(live: LiveConfig, path: str, now: float) -> str:
+    """A JSON post's stream, checked before its body is read."""
+    stream = jsonpost.stream_name(path)
+    if live.allowed_streams is not None and stream not in live.allowed_streams:
+        raise Forbidden("stream not allowed")
+    live.limiters[jsonpost.PROTOCOL].check(stream, now)
+    return stream
+
+
+def parse_json(
+    config: Config, body: bytes, path: str, remote: str, key: str | None, now: float
+) -> Record | IngestError:
+    try:
+        return jsonpost.parse(
+            body,
+            path=path,
+            remote=remote,
+            received_at=now,
+            idempotency_key=key,
+            max_depth=config.json.max_depth,
+        )
+    except IngestError as exc:
+        return exc
+
+
+def admit_json(app: web.Application, stream: str, parsed: Record | IngestError, now: float) -> Record:
+    if isinstance(parsed, IngestError):
+        parsed.device = stream
+        app[REPORT_ERROR](jsonpost.PROTOCOL, stream, parsed.code, now)
+        raise parsed
+    return parsed
+
+
 async def wattmon_post(request: web.Request, live: LiveConfig) -> web.Response:
     app = request.app
     config = live.current
     body = await read_body(request, config)
     now = app[CLOCK]()
-    try:
-        item = await off_loop_if_large(
-            len(body),
-            functools.partial(
-                wattmon.parse,
-                body,
-                request.headers.get(hdrs.CONTENT_TYPE, ""),
-                received_at=now,
-                require_md5=config.wattmon.require_md5,
-                max_rows=config.wattmon.max_rows,
-                max_columns=config.wattmon.max_columns,
-            ),
-        )
-    except IngestError as exc:
-        # A known device's refused block (bad MD5, too large) is its last
-        # error in the fleet view; a device not allowed stays unknown.
-        mac = exc.device
-        if mac is not None and (live.allowed_macs is None or mac in live.allowed_macs):
-            app[REPORT_ERROR](wattmon.PROTOCOL, mac, exc.code, now)
-        raise
+    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    parse = functools.partial(parse_wattmon, config, body, content_type, now)
+    item = admit_wattmon(app, live, await off_loop_if_large(len(body), parse), now)
     if item is None:
         request[OUTCOME_OF] = "empty"
         return web.Response(text=OK_BODY)
-    if live.allowed_macs is not None and item.device_id not in live.allowed_macs:
-        raise Forbidden("device not allowed")
-    live.limiters[wattmon.PROTOCOL].check(item.device_id, now)
     outcome = await app[PIPELINE].submit(item)
     request[OUTCOME_OF] = outcome.value
     return web.Response(text=OK_BODY)
@@ -328,29 +411,12 @@ async def wattmon_post(request: web.Request, live: LiveConfig) -> web.Response:
 async def json_post(request: web.Request, live: LiveConfig, remote: str) -> web.Response:
     app = request.app
     config = live.current
-    stream = jsonpost.stream_name(request.path)
-    if live.allowed_streams is not None and stream not in live.allowed_streams:
-        raise Forbidden("stream not allowed")
     now = app[CLOCK]()
-    live.limiters[jsonpost.PROTOCOL].check(stream, now)
+    stream = admit_stream(live, request.path, now)
     body = await read_body(request, config)
-    try:
-        record = await off_loop_if_large(
-            len(body),
-            functools.partial(
-                jsonpost.parse,
-                body,
-                path=request.path,
-                remote=remote,
-                received_at=now,
-                idempotency_key=request.headers.get("Idempotency-Key"),
-                max_depth=config.json.max_depth,
-            ),
-        )
-    except IngestError as exc:
-        exc.device = stream
-        app[REPORT_ERROR](jsonpost.PROTOCOL, stream, exc.code, now)
-        raise
+    key = request.headers.get("Idempotency-Key")
+    parse = functools.partial(parse_json, config, body, request.path, remote, key, now)
+    record = admit_json(app, stream, await off_loop_if_large(len(body), parse), now)
     outcome = await app[PIPELINE].submit(record)
     request[OUTCOME_OF] = outcome.value
     return web.Response(text=OK_BODY)
@@ -416,16 +482,8 @@ async def _answer(request: web.Request, handler: web.Handler) -> web.StreamRespo
         response = await handler(request)
         outcome = request.get(OUTCOME_OF)
     except IngestError as exc:
-        allowed, held_back = request.app[LOG_THROTTLE].allow(exc.code)
-        if allowed:
-            log.info(
-                "rejected status=%d code=%s device=%s path=%s remote=%s held_back=%d",
-                exc.status, exc.code, exc.device or "-", _safe(request.path),
-                _safe(request.remote or ""), held_back,
-            )
-        response = error_response(exc.status, exc.message, exc.retry_after_secs)
-        if exc.status == 401:
-            response.headers[hdrs.WWW_AUTHENTICATE] = 'Basic realm="ingestd"'
+        status, text, headers = refusal(request.app, exc, request.path, request.remote or "")
+        response = web.Response(status=status, text=text, headers=headers)
         outcome = exc.code
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -438,6 +496,24 @@ async def _answer(request: web.Request, handler: web.Handler) -> web.StreamRespo
     if protocol is not None and outcome is not None:
         request.app[METRICS].requests[(protocol, outcome)] += 1
     return response
+
+
+def refusal(
+    app: web.Application, exc: IngestError, path: str, peer: str
+) -> tuple[int, str, dict[str, str]]:
+    """Log a refused request (throttled); its status, body and headers."""
+    allowed, held_back = app[LOG_THROTTLE].allow(exc.code)
+    if allowed:
+        log.info(
+            "rejected status=%d code=%s device=%s path=%s remote=%s held_back=%d",
+            exc.status, exc.code, exc.device or "-", _safe(path), _safe(peer), held_back,
+        )
+    headers = {}
+    if exc.retry_after_secs is not None:
+        headers[hdrs.RETRY_AFTER] = str(exc.retry_after_secs)
+    if exc.status == 401:
+        headers[hdrs.WWW_AUTHENTICATE] = 'Basic realm="ingestd"'
+    return exc.status, f"ERROR: {exc.message}", headers
 
 
 def _safe(text: str, limit: int = 200) -> str:

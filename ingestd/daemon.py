@@ -16,6 +16,7 @@ from aiohttp import web
 
 from ingestd.app import DEVICES, IN_FLIGHT, PIPELINE, SINK, make_app, reload_config
 from ingestd.config import Config, ConfigError, parse_listen
+from ingestd.fastpath import make_runner
 from ingestd.logs import flush_logs
 from ingestd.supervisor import WorkerError, WorkerPool, bind
 from ingestd.systemd import Notifier, listen_sockets
@@ -49,17 +50,7 @@ class Daemon:
         raise_open_file_limit()
 
         config = self._config
-        runner = web.AppRunner(
-            self._app,
-            handle_signals=False,
-            access_log=None,
-            # drain() has waited for the handlers already (within
-            # server.shutdown_timeout_secs): aiohttp only closes what is left.
-            shutdown_timeout=2.0,
-            keepalive_timeout=config.server.keepalive_timeout_secs,
-            max_line_size=config.server.max_header_bytes,
-            max_field_size=config.server.max_header_bytes,
-        )
+        runner = make_runner(self._app, config.server)
         try:
             if config.server.tls_cert:
                 self._ssl = server_context(config.server.tls_cert, config.server.tls_key)

@@ -93,6 +93,19 @@ class Pipeline:
             raise ShuttingDown("shutting down; retry later")
         return await (await self._put(item))
 
+    def try_submit(self, item: Item) -> asyncio.Future[Outcome] | None:
+        """Queue `item` without waiting: its future, or None if the queue is
+        full right now (then `submit` waits for room). The fast path's way in:
+        no coroutine, no task."""
+        if self._closing:
+            raise ShuttingDown("shutting down; retry later")
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait((item, future))
+        except asyncio.QueueFull:
+            return None
+        return future
+
     async def submit_many(self, items: list[Item]) -> list[Outcome | IngestError]:
         """Queue a batch (from a worker process) and wait for every result.
 

@@ -43,12 +43,14 @@ from ingestd.app import (
     METRICS,
     PIPELINE,
     REPORT_ERROR,
+    STATE_PATHS,
     InFlight,
     LiveConfig,
     dispatch,
     error_middleware,
 )
 from ingestd.config import Config, ConfigError
+from ingestd.fastpath import make_runner
 from ingestd.errors import IngestError, StorageFailed
 from ingestd.logs import Throttle
 from ingestd.metrics import Metrics
@@ -63,7 +65,7 @@ CONTROL_SOCKET = "control.sock"
 TALLY_INTERVAL_SECS = 2.0
 MAX_PENDING_ERRORS = 10_000
 # Paths the main process answers: state lives there.
-PROXIED = ("/healthz", "/metrics", "/api/devices", "/", "/status")
+PROXIED = STATE_PATHS
 
 
 # -- messages on the private socket ------------------------------------------------
@@ -369,15 +371,7 @@ async def run_worker(
     await storage.connect()
     app = make_worker_app(config, storage, runtime / CONTROL_SOCKET)
     server = config.server
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=2.0,  # drain() has waited for the handlers already
-        keepalive_timeout=server.keepalive_timeout_secs,
-        max_line_size=server.max_header_bytes,
-        max_field_size=server.max_header_bytes,
-    )
+    runner = make_runner(app, server)
     await runner.setup()
     ssl_context = server_context(server.tls_cert, server.tls_key) if server.tls_cert else None
     for fd in fds:

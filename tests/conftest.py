@@ -15,6 +15,7 @@ from blockbuster import BlockBuster, blockbuster_ctx
 
 from ingestd.app import make_app
 from ingestd.config import Config, StorageConfig, validate
+from ingestd.fastpath import IngestRunner
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +57,14 @@ def make_config(
     return validate(config)
 
 
+class FastTestServer(TestServer):
+    """aiohttp's test server with the daemon's runner: device posts take the
+    fast path (ingestd.fastpath), everything else aiohttp's, as in production."""
+
+    async def _make_runner(self, **kwargs: Any) -> IngestRunner:
+        return IngestRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 def start_client(
     tmp_path: Path, clock: FakeClock
@@ -65,7 +74,7 @@ def start_client(
 
     async def start(config: Config | None = None, **settings: Any) -> TestClient:
         config = config or make_config(tmp_path / "data", **settings)
-        client = TestClient(TestServer(make_app(config, clock=clock)))
+        client = TestClient(FastTestServer(make_app(config, clock=clock)))
         await client.start_server()
         clients.append(client)
         return client

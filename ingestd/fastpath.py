@@ -1,0 +1,415 @@
+"""The fast path: device posts answered before aiohttp's request machinery.
+
+aiohttp builds a Request, a payload stream, a handler task step, a Response
+with a header multidict and middleware frames for every request; on one
+core that costs more than parsing and storing a device's block. So each
+connection starts on `FastConnection`, which reads the one shape devices
+send (`ingestd.http1`: a small POST with a Content-Length) and runs the same
+steps as aiohttp's handlers (`ingestd.app`: routing, access checks, parse,
+admit, the pipeline, refusals), with no task and no Request object.
+
+Anything else -- a GET, a chunked or large body, `Expect`, an odd header, a
+Unix socket -- hands the connection, with the bytes of that request, to
+aiohttp's own protocol for good. Everything aiohttp answers stays answered
+by aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import socket
+import time
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from ingestd.app import (
+    CLOCK,
+    CONFIG,
+    IN_FLIGHT,
+    INLINE_PARSE_BYTES,
+    METRICS,
+    OK_BODY,
+    PIPELINE,
+    STATE_PATHS,
+    admit_json,
+    admit_stream,
+    admit_wattmon,
+    check_access,
+    parse_json,
+    parse_wattmon,
+    protocol_of,
+    refusal,
+)
+from ingestd.config import ServerConfig
+from ingestd.errors import IngestError, RequestTimeout
+from ingestd.http1 import HEAD_END, RequestHead, parse_head
+from ingestd.protocols import wattmon
+from ingestd.records import Outcome
+
+log = logging.getLogger("ingestd.http")
+
+# Pipelined requests waiting behind one being stored: stop reading beyond this.
+MAX_BUFFERED_BYTES = 256 * 1024
+SWEEP_SECS = 1.0
+
+
+class FastServer:
+    """The protocol factory handed to the listening sockets: aiohttp's
+    server behind it, for the connections handed over."""
+
+    def __init__(self, aiohttp_server: web.Server, app: web.Application) -> None:
+        self.aiohttp = aiohttp_server
+        self.app = app
+        self.fast: set[FastConnection] = set()
+        self.closing = False
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> asyncio.Protocol:
+        if self._sweeper is None:
+            self._schedule_sweep()
+        return FastConnection(self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.aiohttp, name)  # requests_count, request_handler, ...
+
+    @property
+    def connections(self) -> list[Any]:
+        return [*self.aiohttp.connections, *self.fast]
+
+    def pre_shutdown(self) -> None:
+        self.closing = True
+        for connection in list(self.fast):
+            connection.force_close()
+        self.aiohttp.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """As aiohttp's: let requests in progress finish within `timeout`,
+        then cut what is left."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+        async def finish_fast() -> None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.app[IN_FLIGHT].wait_idle()
+            for connection in list(self.fast):
+                connection.abort()
+
+        await asyncio.gather(finish_fast(), self.aiohttp.shutdown(timeout))
+
+    # Slow clients: one timer for every connection, not one per request.
+    def _schedule_sweep(self) -> None:
+        server = self.app[CONFIG].current.server
+        interval = max(0.05, min(SWEEP_SECS, server.keepalive_timeout_secs / 4,
+                                 server.body_timeout_secs / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for connection in list(self.fast):
+            if connection.deadline < now:
+                connection.timed_out()
+        if not self.closing:
+            self._schedule_sweep()
+
+
+class FastConnection(asyncio.Protocol):
+    __slots__ = (
+        "server", "transport", "peer", "deadline", "_buffer", "_head", "_busy",
+        "_active", "_paused", "_write_paused", "_close_after", "_closed", "_waiting",
+    )
+
+    def __init__(self, server: FastServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.deadline = float("inf")
+        self._buffer = b""
+        self._head: RequestHead | None = None
+        # From a request's head to its answer: a stop waits for it to finish.
+        self._active = False
+        self._busy = False  # a request is being stored; later ones wait
+        self._paused = False
+        self._write_paused = False
+        self._close_after = False
+        self._closed = False
+        # The request whose record is being stored, and its protocol.
+        self._waiting: tuple[RequestHead, str] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            self._hand_over(b"")  # the private control socket: aiohttp's
+            return
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        self.server.fast.add(self)
+        self._idle()
+
+    def data_received(self, data: bytes) -> None:
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        if self._busy or self._write_paused:
+            self._keep(data)
+            return
+        self._consume(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # as aiohttp: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.server.fast.discard(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True  # a client that does not read its answers
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._next()
+
+    # -- called by the server --------------------------------------------------
+
+    def force_close(self) -> None:
+        """Stop: close now if idle, else right after the answer in progress."""
+        self._close_after = True
+        if not self._active and self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def timed_out(self) -> None:
+        """Past the deadline: headers or body too slow, or idle too long."""
+        if self._busy or self.transport is None:
+            return
+        if self._head is not None:
+            self._close_after = True
+            protocol = protocol_of(self.server.app[CONFIG].current, self._head.path)
+            self._refuse(RequestTimeout("request body too slow"), self._head, protocol)
+        self.transport.close()
+
+    # -- reading requests ------------------------------------------------------
+
+    def _consume(self, data: bytes) -> None:
+        """Answer every complete request in `data`; keep the rest."""
+        config = self.server.app[CONFIG].current
+        while data:
+            head = self._head
+            if head is None:
+                end = data.find(HEAD_END)
+                if end < 0:
+                    if len(data) > config.server.max_header_bytes:
+                        self._hand_over(data)  # aiohttp knows the limits' answers
+                    else:
+                        self._buffer = data
+                    return
+                if end > config.server.max_header_bytes:
+                    self._hand_over(data)
+                    return
+                head = parse_head(data[:end])
+                if head is None or not self._takes(head, config.server):
+                    self._hand_over(data)
+                    return
+                data = data[end + len(HEAD_END):]
+                self._head = head
+                self._active = True
+                self.server.app[IN_FLIGHT].enter(self)
+                self.deadline = time.monotonic() + config.server.body_timeout_secs
+            if len(data) < head.content_length:
+                self._keep(data)
+                return
+            body = data[: head.content_length]
+            data = data[head.content_length:]
+            self._head = None
+            self._handle(head, body)
+            if self._busy or self._closed or self._write_paused:
+                self._keep(data)
+                return
+
+    def _takes(self, head: RequestHead, server: ServerConfig) -> bool:
+        """A device post this path answers; the rest goes to aiohttp."""
+        if head.path in STATE_PATHS:
+            return False
+        if head.content_length > min(INLINE_PARSE_BYTES, server.max_body_bytes):
+            return False  # aiohttp streams it, refuses it, or parses it off-loop
+        return protocol_of(self.server.app[CONFIG].current, head.path) is not None
+
+    def _keep(self, data: bytes) -> None:
+        self._buffer = data
+        if len(data) > MAX_BUFFERED_BYTES and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _next(self) -> None:
+        """After an answer: the requests that arrived meanwhile."""
+        if self._paused and self.transport is not None and not self._closed:
+            self._paused = False
+            self.transport.resume_reading()
+        data, self._buffer = self._buffer, b""
+        if data and not self._closed:
+            self._consume(data)
+
+    def _idle(self) -> None:
+        self.deadline = time.monotonic() + self.server.app[CONFIG].current.server.keepalive_timeout_secs
+
+    def _hand_over(self, data: bytes) -> None:
+        """From here on aiohttp serves this connection, from `data` on."""
+        assert self.transport is not None
+        self.server.fast.discard(self)
+        handler: RequestHandler = self.server.aiohttp()
+        self.transport.set_protocol(handler)
+        handler.connection_made(self.transport)
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        self._closed = True  # to this object
+        if data:
+            handler.data_received(data)
+
+    # -- one request -----------------------------------------------------------
+
+    def _handle(self, head: RequestHead, body: bytes) -> None:
+        app = self.server.app
+        live = app[CONFIG]
+        config = live.current
+        protocol = protocol_of(config, head.path)
+        assert protocol is not None
+        self._busy = True
+        self.deadline = float("inf")
+        try:
+            fields = head.fields
+            remote = check_access(live, protocol, self.peer, head.forwarded_for or None,
+                                  head.query_string, fields.get("authorization"))
+            now = app[CLOCK]()
+            if protocol == wattmon.PROTOCOL:
+                parsed = parse_wattmon(config, body, fields.get("content-type", ""), now)
+                item = admit_wattmon(app, live, parsed, now)
+                if item is None:
+                    self._answer_ok(head, protocol, "empty")
+                    return
+            else:
+                stream = admit_stream(live, head.path, now)
+                parsed_json = parse_json(config, body, head.path, remote,
+                                         fields.get("idempotency-key"), now)
+                item = admit_json(app, stream, parsed_json, now)
+            pipeline = app[PIPELINE]
+            future = pipeline.try_submit(item)
+            if future is None:  # the queue is full: wait for room, as aiohttp's path does
+                future = asyncio.ensure_future(pipeline.submit(item))
+        except IngestError as exc:
+            self._refuse(exc, head, protocol)
+            return
+        except Exception:
+            log.exception("fast_path_failed path=%s", ascii(head.path[:200]))
+            self._close_after = True
+            self._write(head, 500, "ERROR: internal error", {})
+            return
+        self._waiting = (head, protocol)
+        future.add_done_callback(self._stored)
+
+    def _stored(self, done: asyncio.Future[Outcome]) -> None:
+        assert self._waiting is not None
+        (head, protocol), self._waiting = self._waiting, None
+        if done.cancelled():
+            self._close_after = True
+            self._write(head, 503, "ERROR: shutting down; retry later", {})
+            return
+        exc = done.exception()
+        if exc is None:
+            self._answer_ok(head, protocol, done.result().value)
+        elif isinstance(exc, IngestError):
+            self._refuse(exc, head, protocol)
+        else:
+            log.error("fast_path_failed path=%s error=%r", ascii(head.path[:200]), exc)
+            self._close_after = True
+            self._write(head, 500, "ERROR: internal error", {})
+
+    def _answer_ok(self, head: RequestHead, protocol: str, outcome: str) -> None:
+        self.server.app[METRICS].requests[(protocol, outcome)] += 1
+        self._write(head, 200, OK_BODY, {})
+
+    def _refuse(self, exc: IngestError, head: RequestHead, protocol: str | None) -> None:
+        app = self.server.app
+        status, text, headers = refusal(app, exc, head.path, self.peer)
+        if protocol is not None:
+            app[METRICS].requests[(protocol, exc.code)] += 1
+        self._write(head, status, text, headers)
+
+    def _write(self, head: RequestHead, status: int, text: str, headers: dict[str, str]) -> None:
+        """Send the answer; then close, or wait for the next request."""
+        self._busy = False
+        if self._active:
+            self._active = False
+            self.server.app[IN_FLIGHT].leave(self)
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        keep_alive = head.keep_alive and not self._close_after and not self.server.closing
+        transport.write(answer(status, text, headers, keep_alive))
+        if not keep_alive:
+            transport.close()
+            return
+        self._idle()
+        self._next()
+
+
+_date: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The Date header's value, formatted once a second."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True).encode())
+    return _date[1]
+
+
+def answer(status: int, text: str, headers: dict[str, str], keep_alive: bool) -> bytes:
+    body = text.encode()
+    lines = [
+        b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode()),
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: %d" % len(body),
+        b"Date: " + http_date(),
+        b"Server: ingestd",
+    ]
+    lines += [f"{name}: {value}".encode() for name, value in headers.items()]
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class IngestRunner(web.AppRunner):
+    """aiohttp's AppRunner whose sockets start every connection on the fast path."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return FastServer(server, self._app)  # type: ignore[return-value]
+
+
+def make_runner(app: web.Application, server: ServerConfig) -> IngestRunner:
+    return IngestRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        # drain() has waited for the handlers already (within
+        # server.shutdown_timeout_secs): aiohttp only closes what is left.
+        shutdown_timeout=2.0,
+        keepalive_timeout=server.keepalive_timeout_secs,
+        max_line_size=server.max_header_bytes,
+        max_field_size=server.max_header_bytes,
+    )
