@@ -40,10 +40,10 @@ WARM_UP = {"wattmon": 1000, "json": 100}  # distinct devices in the bodies
 
 def load(protocol: str, count: int) -> list[Record | Quarantined]:
     items: list[Record | Quarantined] = []
-    now = time.time()
     with open(BODIES / f"{protocol}.txt", "rb") as fh:
         for line in fh:
             path, _, body = line.rstrip(b"\n").partition(b"\t")
+            now = time.time()  # each request its own, as the daemon does
             if protocol == "wattmon":
                 item = wattmon.parse(
                     body, "application/x-www-form-urlencoded", received_at=now, require_md5=False

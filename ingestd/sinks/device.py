@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ingestd.records import Record
 from ingestd.sinks.dedup import DedupWindow, key_bytes
-from ingestd.sinks.rotation import FileName, OpenFile, next_file, parse_file_name, period_of
+from ingestd.sinks.rotation import FileName, OpenFile, next_file, parse_file_name
 from ingestd.sinks.wal import write_all
 
 KEYS_NAME = ".ingestd-keys"
@@ -30,13 +30,11 @@ class Settings:
     dedup_window_secs: float
 
 
-@dataclass(slots=True)
-class PlannedWrite:
-    file: FileName
-    offset: int
-    data: bytes
-    key: str | None
-    received_at: float
+# One record's planned append: (relpath, offset, meta tail, data, key line,
+# file). The first four are what the write-ahead log frames (the meta tail is
+# "key-or-dash seconds.millis\n"); the key line is what the key file gets,
+# None for a record without a key. A plain tuple: one is made per record.
+PlannedWrite = tuple[str, int, str, bytes, str | None, FileName]
 
 
 class DeviceFiles:
@@ -46,22 +44,32 @@ class DeviceFiles:
         "_fd",
         "_fd_ino",
         "_fd_name",
+        "_header",
         "_keys_fd",
+        "_name",
         "_pending_keys",
-        "current",
+        "_relpath",
+        "_size",
         "dirty",
         "ext",
         "folder",
+        "relpath",
         "settings",
         "unsynced",
         "window",
     )
 
-    def __init__(self, folder: Path, ext: str, settings: Settings) -> None:
+    def __init__(self, folder: Path, relpath: str, ext: str, settings: Settings) -> None:
         self.folder = folder
+        self.relpath = relpath  # protocol/device, as the log names files
         self.ext = ext
         self.settings = settings
-        self.current: OpenFile | None = None
+        # The current file, as plain fields rather than an OpenFile, so
+        # planning a record updates them in place.
+        self._name: FileName | None = None
+        self._size = 0
+        self._header = b""
+        self._relpath = ""  # of the current file, made once per file
         self.window = DedupWindow(settings.dedup_window_blocks, settings.dedup_window_secs)
         self.dirty = False
         self._created_file = False  # the folder's entries need an fsync too
@@ -78,10 +86,10 @@ class DeviceFiles:
     # -- loading -------------------------------------------------------------
 
     @classmethod
-    def load(cls, folder: Path, ext: str, settings: Settings) -> DeviceFiles:
+    def load(cls, folder: Path, relpath: str, ext: str, settings: Settings) -> DeviceFiles:
         """Read the folder's state: newest file, its header and size, recent keys."""
         folder.mkdir(parents=True, exist_ok=True)
-        device = cls(folder, ext, settings)
+        device = cls(folder, relpath, ext, settings)
         names = [parse_file_name(n) for n in os.listdir(folder)]
         ours = [n for n in names if n is not None and n.ext == ext]
         if ours:
@@ -92,9 +100,21 @@ class DeviceFiles:
             if ext == "csv" and size:
                 with open(path, "rb") as fh:
                     header = fh.readline()
-            device.current = OpenFile(newest, size, header)
+            device._start(newest, size, header)
         device._load_keys()
         return device
+
+    @property
+    def current(self) -> OpenFile | None:
+        if self._name is None:
+            return None
+        return OpenFile(self._name, self._size, self._header)
+
+    def _start(self, name: FileName, size: int, header: bytes) -> None:
+        self._name = name
+        self._size = size
+        self._header = header
+        self._relpath = f"{self.relpath}/{name.name}"
 
     def _load_keys(self) -> None:
         path = self.folder / KEYS_NAME
@@ -129,41 +149,55 @@ class DeviceFiles:
 
     # -- planning (in memory) --------------------------------------------------
 
-    def is_duplicate(self, record: Record) -> bool:
-        key = record.dedup_key
-        return key is not None and self.window.seen(key_bytes(key), record.received_at)
+    def plan(self, record: Record, period: str) -> PlannedWrite | None:
+        """Decide where `record` goes and advance the in-memory state to match;
+        None when it is a resend of a block in the window (stored already).
 
-    def plan(self, record: Record) -> PlannedWrite:
-        """Decide where `record` goes and advance the in-memory state to match.
-
+        `period` is `period_of(record.received_at, settings.rotate_period)`.
         If applying the plan fails, the caller drops this object and loads the
         folder again: the disk, rolled back, is the truth.
         """
-        period = period_of(record.received_at, self.settings.rotate_period)  # type: ignore[arg-type]
-        target = next_file(
-            self.current,
-            record_period=period,
-            header=record.header,
-            add_bytes=len(record.payload),
-            max_file_bytes=self.settings.max_file_bytes,
-            ext=self.ext,
-        )
-        if target is not None:
-            target = self._unused(target)
-            self.current = OpenFile(target, 0, record.header)
-        current = self.current
-        assert current is not None
+        key = record.dedup_key
+        if key is not None:
+            digest = key_bytes(key)
+            if self.window.seen(digest, record.received_at):
+                return None
         data = record.payload
-        header = current.header
-        if current.size == 0 and record.header:
-            data = record.header + data
-            header = record.header
-        self.current = OpenFile(current.name, current.size + len(data), header)
-        if record.dedup_key is not None:
-            self.window.add(key_bytes(record.dedup_key), record.received_at)
-        return PlannedWrite(
-            current.name, current.size, data, record.dedup_key, record.received_at
-        )
+        header = record.header
+        size = self._size
+        name = self._name
+        # The common case, same file, decided here; anything else by the
+        # policy (when this says "maybe", next_file has the last word).
+        if (
+            name is None
+            or period > name.period
+            or header != self._header
+            or (size > len(self._header) and size + len(data) > self.settings.max_file_bytes)
+        ):
+            target = next_file(
+                self.current,
+                record_period=period,
+                header=header,
+                add_bytes=len(data),
+                max_file_bytes=self.settings.max_file_bytes,
+                ext=self.ext,
+            )
+            if target is not None:
+                name = self._unused(target)
+                self._start(name, 0, header)
+                size = 0
+        assert name is not None  # next_file names one when there is none
+        if size == 0 and header:
+            data = header + data
+            self._header = header
+        self._size = size + len(data)
+        # The key file's line and the log's meta line end alike: format once.
+        stamp = f" {record.received_at:.3f}\n"
+        if key is None:
+            return (self._relpath, size, "-" + stamp, data, None, name)
+        self.window.add(digest, record.received_at)
+        line = key + stamp
+        return (self._relpath, size, line if key else "-" + stamp, data, line, name)
 
     def _unused(self, name: FileName) -> FileName:
         """Never append to a file that exists already (it was rotated away from)."""
@@ -184,28 +218,30 @@ class DeviceFiles:
         if now < self._checked_at + RECHECK_SECS:
             return True
         self._checked_at = now
-        if self._fd is None or self._fd_name is None or self.current is None:
+        if self._fd is None or self._fd_name is None or self._name is None:
             return os.path.isdir(self.folder)
         try:
             on_disk = os.stat(f"{self.folder}/{self._fd_name.name}")
         except FileNotFoundError:
             return False
-        same_size = self.current.name != self._fd_name or on_disk.st_size == self.current.size
+        same_size = self._name != self._fd_name or on_disk.st_size == self._size
         return on_disk.st_ino == self._fd_ino and same_size
 
     def apply(self, writes: list[PlannedWrite]) -> None:
         """Append the planned bytes; on error leave no partial bytes and raise."""
         done: list[tuple[FileName, int]] = []
         try:
-            start = 0
-            while start < len(writes):
-                end = start
-                while end < len(writes) and writes[end].file == writes[start].file:
+            start, count = 0, len(writes)
+            while start < count:
+                relpath, offset, _, data, _, name = writes[start]
+                end = start + 1
+                while end < count and writes[end][0] == relpath:
                     end += 1
-                first = writes[start]
-                fd = self._open(first.file)
-                done.append((first.file, first.offset))
-                write_all(fd, b"".join(w.data for w in writes[start:end]))
+                fd = self._open(name)
+                done.append((name, offset))
+                if end > start + 1:
+                    data = b"".join([w[3] for w in writes[start:end]])
+                write_all(fd, data)
                 start = end
             self._append_keys(writes)
         except OSError:
@@ -214,7 +250,9 @@ class DeviceFiles:
         self.dirty = True
 
     def _open(self, name: FileName) -> int:
-        if self._fd_name == name and self._fd is not None:
+        # `is` first: the same file's writes share one FileName object, and
+        # a dataclass's == is a slow call.
+        if self._fd is not None and (self._fd_name is name or self._fd_name == name):
             return self._fd
         if self._fd is not None and self._fd_name is not None:
             # Rotation: the old file is complete; the next checkpoint syncs it.
@@ -230,7 +268,7 @@ class DeviceFiles:
         return self._fd
 
     def _append_keys(self, writes: list[PlannedWrite]) -> None:
-        keys = [f"{w.key} {w.received_at:.3f}\n" for w in writes if w.key is not None]
+        keys = [w[4] for w in writes if w[4] is not None]
         if keys and self._keys_fd is None:
             # Create the key file with the device's first keyed write, not at
             # a checkpoint: a new fleet would otherwise create thousands at once

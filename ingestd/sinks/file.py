@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
 from pathlib import Path
 
 from ingestd.config import StorageConfig
@@ -37,8 +38,8 @@ from ingestd.sinks.device import (
     fsync_dir,
     sync_paths,
 )
-from ingestd.sinks.rotation import parse_file_name
-from ingestd.sinks.wal import Frame, WriteAheadLog, read_log
+from ingestd.sinks.rotation import parse_file_name, period_of
+from ingestd.sinks.wal import WriteAheadLog, read_log
 
 log = logging.getLogger("ingestd.storage")
 
@@ -160,47 +161,59 @@ class FileSink:
     def _commit_blocking(self, items: list[Record | Quarantined]) -> list[Result]:
         assert self._wal is not None, "sink is not open"
         results: list[Result | None] = [None] * len(items)
-        plans: dict[tuple[str, str], list[tuple[int, PlannedWrite]]] = {}
+        # Per device, in the order devices first appear: the indexes of its
+        # items and their planned writes (the log frames them in this order).
+        plans: dict[tuple[str, str], tuple[list[int], list[PlannedWrite]]] = {}
         # Duplicates answer OK only if their device's writes in this batch
         # succeed: the copy they duplicate may be in this very batch.
         duplicates: dict[tuple[str, str], list[int]] = {}
+        devices = self._devices
+        rotate_period = self._settings.rotate_period
+        hour, period = None, ""  # a batch's records mostly share their hour
         for i, item in enumerate(items):
             if isinstance(item, Quarantined):
                 results[i] = self._quarantine(item)
                 continue
             ident = (item.protocol, item.device_id)
-            try:
-                # Check a device's files once, before this batch plans writes
-                # that make its in-memory size run ahead of the disk.
-                device = self._device(ident, verify=ident not in plans and ident not in duplicates)
-            except OSError as exc:
-                results[i] = self._failed(ident, exc)
-                continue
-            if device.is_duplicate(item):
-                duplicates.setdefault(ident, []).append(i)
+            device = devices.get(ident)
+            if device is not None and (ident in plans or ident in duplicates):
+                devices.move_to_end(ident)
             else:
-                plans.setdefault(ident, []).append((i, device.plan(item)))
+                try:
+                    # Check a device's files once, before this batch plans
+                    # writes that make its in-memory size run ahead of the disk.
+                    device = self._device(
+                        ident, verify=ident not in plans and ident not in duplicates
+                    )
+                except OSError as exc:
+                    results[i] = self._failed(ident, exc)
+                    continue
+            if item.received_at // 3600 != hour:
+                hour = item.received_at // 3600
+                period = period_of(item.received_at, rotate_period)  # type: ignore[arg-type]
+            write = device.plan(item, period)
+            if write is None:
+                duplicates.setdefault(ident, []).append(i)
+            elif (planned := plans.get(ident)) is None:
+                plans[ident] = ([i], [write])
+            else:
+                planned[0].append(i)
+                planned[1].append(write)
 
         outcomes: dict[tuple[str, str], Result] = {}
-        frames = [
-            Frame(self._relpath(ident, w.file.name), w.offset, w.key, w.received_at, w.data)
-            for ident, planned in plans.items()
-            for _, w in planned
-        ]
         started = time.perf_counter()
         try:
-            if frames:
-                self._wal.append(frames)
+            if plans:
+                self._wal.append_writes(chain.from_iterable(w for _, w in plans.values()))
                 self._observe("log_sync", started)
         except OSError as exc:
             for ident in plans:
                 outcomes[ident] = self._failed(ident, exc)
         else:
             started = time.perf_counter()
-            for ident, planned in plans.items():
-                writes = [w for _, w in planned]
+            for ident, (_, writes) in plans.items():
                 try:
-                    self._devices[ident].apply(writes)
+                    devices[ident].apply(writes)
                     outcomes[ident] = Outcome.STORED
                 except OSError as exc:
                     outcomes[ident] = self._failed(ident, exc)
@@ -208,15 +221,17 @@ class FileSink:
             if plans:
                 self._observe("write", started)
 
-        for ident, planned in plans.items():
-            for i, _ in planned:
-                results[i] = outcomes[ident]
+        for ident, (indexes, _) in plans.items():
+            outcome = outcomes[ident]
+            for i in indexes:
+                results[i] = outcome
         for ident, indexes in duplicates.items():
             outcome = outcomes.get(ident, Outcome.DUPLICATE)
             for i in indexes:
                 results[i] = Outcome.DUPLICATE if outcome is Outcome.STORED else outcome
 
-        self._evict(keep=plans.keys() | duplicates.keys())
+        if len(devices) > self._config.max_open_files:
+            self._evict(keep=plans.keys() | duplicates.keys())
         self._checkpoint_if_due()
         return [r if r is not None else StorageFailed("internal error") for r in results]
 
@@ -235,7 +250,9 @@ class FileSink:
             folder = self.data_dir / protocol / device_id
             if not folder.is_dir():
                 self._new_dirs.update((folder.parent, self.data_dir))
-            device = DeviceFiles.load(folder, EXTENSIONS[protocol], self._settings)
+            device = DeviceFiles.load(
+                folder, f"{protocol}/{device_id}", EXTENSIONS[protocol], self._settings
+            )
             self._devices[ident] = device
         self._devices.move_to_end(ident)
         return device
@@ -250,13 +267,11 @@ class FileSink:
 
     def _void(self, ident: tuple[str, str], writes: list[PlannedWrite]) -> None:
         """Tell a later replay that these logged writes were rolled back."""
-        voids = [
-            Frame(self._relpath(ident, w.file.name), w.offset, w.key, w.received_at, b"")
-            for w in writes
-        ]
+        # A void frame is its write's frame without the data.
+        voids = [(w[0], w[1], w[2], b"") for w in reversed(writes)]
         assert self._wal is not None
         try:
-            self._wal.append(voids[::-1])
+            self._wal.append_writes(voids)
         except OSError:
             log.error("void_failed protocol=%s device=%s", *ident)
 
@@ -279,9 +294,6 @@ class FileSink:
             if ident in keep:
                 break
             self._drop(ident)
-
-    def _relpath(self, ident: tuple[str, str], name: str) -> str:
-        return f"{ident[0]}/{ident[1]}/{name}"
 
     # -- checkpoint and recovery -----------------------------------------------------
 
