@@ -39,7 +39,6 @@ PlannedWrite = tuple[str, int, str, bytes, str | None, FileName]
 
 class DeviceFiles:
     __slots__ = (
-        "_checked_at",
         "_created_file",
         "_fd",
         "_fd_ino",
@@ -53,6 +52,7 @@ class DeviceFiles:
         "dirty",
         "ext",
         "folder",
+        "recheck_at",
         "relpath",
         "settings",
         "unsynced",
@@ -77,7 +77,7 @@ class DeviceFiles:
         self._fd: int | None = None
         self._fd_name: FileName | None = None
         self._fd_ino = 0
-        self._checked_at = 0.0
+        self.recheck_at = 0.0  # intact() looks at the disk from then on
         self._keys_fd: int | None = None
         # Keys of stored blocks not yet in the key file: the log holds them
         # until the next checkpoint, which writes them (one write a device).
@@ -215,9 +215,9 @@ class DeviceFiles:
         pay a stat per block, and a block written to a file just moved away
         is not lost, it is in the moved file (as nginx does until reopened).
         """
-        if now < self._checked_at + RECHECK_SECS:
+        if now < self.recheck_at:
             return True
-        self._checked_at = now
+        self.recheck_at = now + RECHECK_SECS
         if self._fd is None or self._fd_name is None or self._name is None:
             return os.path.isdir(self.folder)
         try:
@@ -243,7 +243,9 @@ class DeviceFiles:
                     data = b"".join([w[3] for w in writes[start:end]])
                 write_all(fd, data)
                 start = end
-            self._append_keys(writes)
+            lines = [w[4] for w in writes if w[4] is not None]
+            if lines:
+                self._append_keys(lines)
         except OSError:
             self._roll_back(done)
             raise
@@ -267,16 +269,15 @@ class DeviceFiles:
         self._created_file = True
         return self._fd
 
-    def _append_keys(self, writes: list[PlannedWrite]) -> None:
-        keys = [w[4] for w in writes if w[4] is not None]
-        if keys and self._keys_fd is None:
+    def _append_keys(self, lines: list[str]) -> None:
+        if self._keys_fd is None:
             # Create the key file with the device's first keyed write, not at
             # a checkpoint: a new fleet would otherwise create thousands at once
             # and hold up every batch behind them.
             self._keys_fd = os.open(
                 self.folder / KEYS_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
             )
-        self._pending_keys += keys
+        self._pending_keys += lines
 
     def _flush_keys(self) -> None:
         if not self._pending_keys:

@@ -170,21 +170,22 @@ class FileSink:
         devices = self._devices
         rotate_period = self._settings.rotate_period
         hour, period = None, ""  # a batch's records mostly share their hour
+        now = time.monotonic()
         for i, item in enumerate(items):
             if isinstance(item, Quarantined):
                 results[i] = self._quarantine(item)
                 continue
             ident = (item.protocol, item.device_id)
             device = devices.get(ident)
-            if device is not None and (ident in plans or ident in duplicates):
+            # Check a device's files once, before this batch plans writes
+            # that make its in-memory size run ahead of the disk; inline when
+            # it is open and was checked within the second (the common case).
+            verify = ident not in plans and ident not in duplicates
+            if device is not None and (not verify or now < device.recheck_at):
                 devices.move_to_end(ident)
             else:
                 try:
-                    # Check a device's files once, before this batch plans
-                    # writes that make its in-memory size run ahead of the disk.
-                    device = self._device(
-                        ident, verify=ident not in plans and ident not in duplicates
-                    )
+                    device = self._device(ident, verify=verify)
                 except OSError as exc:
                     results[i] = self._failed(ident, exc)
                     continue
