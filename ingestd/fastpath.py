@@ -66,6 +66,12 @@ class FastServer:
     def __init__(self, aiohttp_server: web.Server, app: web.Application) -> None:
         self.aiohttp = aiohttp_server
         self.app = app
+        # Looked up once: aiohttp's app[...] is a Python call, and a request
+        # needs several. (Set by the time the runner makes this server.)
+        self.live = app[CONFIG]
+        self.in_flight = app[IN_FLIGHT]
+        self.clock = app[CLOCK]
+        self.requests = app[METRICS].requests
         self.fast: set[FastConnection] = set()
         self.closing = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -98,7 +104,7 @@ class FastServer:
         async def finish_fast() -> None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await self.app[IN_FLIGHT].wait_idle()
+                    await self.in_flight.wait_idle()
             for connection in list(self.fast):
                 connection.abort()
 
@@ -106,7 +112,7 @@ class FastServer:
 
     # Slow clients: one timer for every connection, not one per request.
     def _schedule_sweep(self) -> None:
-        server = self.app[CONFIG].current.server
+        server = self.live.current.server
         interval = max(0.05, min(SWEEP_SECS, server.keepalive_timeout_secs / 4,
                                  server.body_timeout_secs / 4))
         self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
@@ -197,7 +203,7 @@ class FastConnection(asyncio.Protocol):
             return
         if self._head is not None:
             self._close_after = True
-            protocol = protocol_of(self.server.app[CONFIG].current, self._head.path)
+            protocol = protocol_of(self.server.live.current, self._head.path)
             self._refuse(RequestTimeout("request body too slow"), self._head, protocol)
         self.transport.close()
 
@@ -205,38 +211,37 @@ class FastConnection(asyncio.Protocol):
 
     def _consume(self, data: bytes) -> None:
         """Answer every complete request in `data`; keep the rest."""
-        config = self.server.app[CONFIG].current
-        while data:
+        server = self.server.live.current.server
+        pos, size = 0, len(data)
+        while pos < size:
             head = self._head
             if head is None:
-                end = data.find(HEAD_END)
-                if end < 0:
-                    if len(data) > config.server.max_header_bytes:
-                        self._hand_over(data)  # aiohttp knows the limits' answers
+                end = data.find(HEAD_END, pos)
+                if end < 0 or end - pos > server.max_header_bytes:
+                    if end >= 0 or size - pos > server.max_header_bytes:
+                        self._hand_over(data[pos:])  # aiohttp knows the limits' answers
                     else:
-                        self._buffer = data
+                        self._buffer = data[pos:]
                     return
-                if end > config.server.max_header_bytes:
-                    self._hand_over(data)
+                head = parse_head(data[pos:end])
+                if head is None or not self._takes(head, server):
+                    self._hand_over(data[pos:])
                     return
-                head = parse_head(data[:end])
-                if head is None or not self._takes(head, config.server):
-                    self._hand_over(data)
-                    return
-                data = data[end + len(HEAD_END):]
+                pos = end + len(HEAD_END)
                 self._head = head
                 self._active = True
-                self.server.app[IN_FLIGHT].enter(self)
-                self.deadline = time.monotonic() + config.server.body_timeout_secs
-            if len(data) < head.content_length:
-                self._keep(data)
+                self.server.in_flight.enter(self)
+                self.deadline = time.monotonic() + server.body_timeout_secs
+            stop = pos + head.content_length
+            if size < stop:
+                self._keep(data[pos:])
                 return
-            body = data[: head.content_length]
-            data = data[head.content_length:]
+            body = data[pos:stop]
+            pos = stop
             self._head = None
             self._handle(head, body)
             if self._busy or self._closed or self._write_paused:
-                self._keep(data)
+                self._keep(data[pos:])
                 return
 
     def _takes(self, head: RequestHead, server: ServerConfig) -> bool:
@@ -245,7 +250,7 @@ class FastConnection(asyncio.Protocol):
             return False
         if head.content_length > min(INLINE_PARSE_BYTES, server.max_body_bytes):
             return False  # aiohttp streams it, refuses it, or parses it off-loop
-        return protocol_of(self.server.app[CONFIG].current, head.path) is not None
+        return protocol_of(self.server.live.current, head.path) is not None
 
     def _keep(self, data: bytes) -> None:
         self._buffer = data
@@ -263,7 +268,7 @@ class FastConnection(asyncio.Protocol):
             self._consume(data)
 
     def _idle(self) -> None:
-        self.deadline = time.monotonic() + self.server.app[CONFIG].current.server.keepalive_timeout_secs
+        self.deadline = time.monotonic() + self.server.live.current.server.keepalive_timeout_secs
 
     def _hand_over(self, data: bytes) -> None:
         """From here on aiohttp serves this connection, from `data` on."""
@@ -282,8 +287,9 @@ class FastConnection(asyncio.Protocol):
     # -- one request -----------------------------------------------------------
 
     def _handle(self, head: RequestHead, body: bytes) -> None:
-        app = self.server.app
-        live = app[CONFIG]
+        server = self.server
+        app = server.app
+        live = server.live
         config = live.current
         protocol = protocol_of(config, head.path)
         assert protocol is not None
@@ -293,7 +299,7 @@ class FastConnection(asyncio.Protocol):
             fields = head.fields
             remote = check_access(live, protocol, self.peer, head.forwarded_for or None,
                                   head.query_string, fields.get("authorization"))
-            now = app[CLOCK]()
+            now = server.clock()
             if protocol == wattmon.PROTOCOL:
                 parsed = parse_wattmon(config, body, fields.get("content-type", ""), now)
                 item = admit_wattmon(app, live, parsed, now)
@@ -338,14 +344,14 @@ class FastConnection(asyncio.Protocol):
             self._write(head, 500, "ERROR: internal error", {})
 
     def _answer_ok(self, head: RequestHead, protocol: str, outcome: str) -> None:
-        self.server.app[METRICS].requests[(protocol, outcome)] += 1
+        self.server.requests[(protocol, outcome)] += 1
         self._write(head, 200, OK_BODY, {})
 
     def _refuse(self, exc: IngestError, head: RequestHead, protocol: str | None) -> None:
         app = self.server.app
         status, text, headers = refusal(app, exc, head.path, self.peer)
         if protocol is not None:
-            app[METRICS].requests[(protocol, exc.code)] += 1
+            self.server.requests[(protocol, exc.code)] += 1
         self._write(head, status, text, headers)
 
     def _write(self, head: RequestHead, status: int, text: str, headers: dict[str, str]) -> None:
@@ -353,7 +359,7 @@ class FastConnection(asyncio.Protocol):
         self._busy = False
         if self._active:
             self._active = False
-            self.server.app[IN_FLIGHT].leave(self)
+            self.server.in_flight.leave(self)
         transport = self.transport
         if transport is None or self._closed:
             return
@@ -378,7 +384,21 @@ def http_date() -> bytes:
     return _date[1]
 
 
+_ok_answers: dict[tuple[bytes, bool], bytes] = {}
+
+
 def answer(status: int, text: str, headers: dict[str, str], keep_alive: bool) -> bytes:
+    if status == 200 and not headers:  # OK: the same bytes all second long
+        key = (http_date(), keep_alive)
+        cached = _ok_answers.get(key)
+        if cached is None:
+            _ok_answers.clear()
+            cached = _ok_answers[key] = _answer(status, text, headers, keep_alive)
+        return cached
+    return _answer(status, text, headers, keep_alive)
+
+
+def _answer(status: int, text: str, headers: dict[str, str], keep_alive: bool) -> bytes:
     body = text.encode()
     lines = [
         b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode()),

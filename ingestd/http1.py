@@ -16,15 +16,19 @@ from dataclasses import dataclass
 
 HEAD_END = b"\r\n\r\n"
 
-# RFC 9110 token characters, for field names.
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-# Origin-form without percent-escapes, '+' or a fragment, so the path and
-# query are the same decoded as raw: what aiohttp would hand the handler.
-_TARGET = re.compile(rb"(/[A-Za-z0-9._~!$&'()*,;=:@/-]*)(?:\?([A-Za-z0-9._~!$&'()*,;=:@/?-]*))?")
-# Control characters other than HTAB: never in a field value.
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# The whole head in one match: `POST`, an origin-form target without
+# percent-escapes, '+' or a fragment (so path and query are the same raw as
+# decoded: what aiohttp would hand the handler), HTTP/1.0 or 1.1, then field
+# lines of a token, a colon and visible ASCII or tabs. No bare CR or LF, no
+# control character, no folded line or space before a colon gets through.
+_HEAD = re.compile(
+    r"POST (/[A-Za-z0-9._~!$&'()*,;=:@/-]*)(?:\?([A-Za-z0-9._~!$&'()*,;=:@/?-]*))?"
+    r" HTTP/1\.([01])((?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e]*)*)"
+)
+# One field line of a head that _HEAD has matched.
+_FIELD = re.compile(r"\r\n([^:]+):([^\r]*)")
 # Fields whose presence means "not the simple shape": aiohttp handles them.
-_HAND_OVER = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-encoding"})
+_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade", "content-encoding"})
 _MAX_LENGTH_DIGITS = 12
 # Devices send a handful of fields; more, and aiohttp's limits decide.
 _MAX_FIELDS = 32
@@ -44,58 +48,49 @@ class RequestHead:
 
 def parse_head(head: bytes) -> RequestHead | None:
     """`head` is everything before the blank line, without it."""
-    if not head.isascii() or _CONTROL.search(head.replace(b"\r\n", b"")):
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
         return None
-    lines = head.split(b"\r\n")
-    if len(lines) > _MAX_FIELDS + 1:
+    match = _HEAD.fullmatch(text)
+    if match is None:
         return None
-    parts = lines[0].split(b" ")
-    if len(parts) != 3 or parts[0] != b"POST":
+    path = match[1]
+    if "/." in path:
+        return None  # a dot segment: yarl would normalise it
+    pairs = _FIELD.findall(match[4])
+    if len(pairs) > _MAX_FIELDS:
         return None
-    version = parts[2]
-    if version == b"HTTP/1.1":
-        keep_alive = True
-    elif version == b"HTTP/1.0":
-        keep_alive = False
-    else:
+    # The first value of each name wins, as aiohttp's headers.get gives.
+    fields = {name.lower(): value.strip(" \t") for name, value in reversed(pairs)}
+    if not _HAND_OVER.isdisjoint(fields):
         return None
-    target = _TARGET.fullmatch(parts[1])
-    if target is None:
-        return None
-    fields: dict[str, str] = {}
     forwarded: list[str] = []
-    length: str | None = None
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        # A missing colon, or whitespace before it (also a folded line): refuse.
-        if not colon or not _TOKEN.fullmatch(name):
+    if len(fields) != len(pairs):  # a name repeated: rare, look closer
+        names = [name.lower() for name, _ in pairs]
+        if names.count("content-length") > 1:
             return None
-        key = name.decode().lower()
-        text = value.strip(b" \t").decode()
-        if key == "content-length":
-            if length is not None or not text.isdigit() or len(text) > _MAX_LENGTH_DIGITS:
-                return None
-            length = text
-        elif key == "x-forwarded-for":
-            forwarded.append(text)
-        elif key.encode() in _HAND_OVER:
-            return None
-        fields.setdefault(key, text)
+        forwarded = [v.strip(" \t") for name, v in pairs if name.lower() == "x-forwarded-for"]
+    elif "x-forwarded-for" in fields:
+        forwarded = [fields["x-forwarded-for"]]
+    length = fields.get("content-length", "0")
+    if not length.isdigit() or len(length) > _MAX_LENGTH_DIGITS:
+        return None
+    keep_alive = match[3] == "1"
     connection = fields.get("connection")
     if connection is not None:
         tokens = {token.strip().lower() for token in connection.split(",")}
+        if "upgrade" in tokens:
+            return None
         if "close" in tokens:
             keep_alive = False
         elif "keep-alive" in tokens:
             keep_alive = True
-        if "upgrade" in tokens:
-            return None
-    query = target[2]
     return RequestHead(
-        path=target[1].decode(),
-        query_string=query.decode() if query is not None else "",
+        path=path,
+        query_string=match[2] or "",
         keep_alive=keep_alive,
-        content_length=int(length) if length is not None else 0,
+        content_length=int(length),
         fields=fields,
         forwarded_for=forwarded,
     )

@@ -24,6 +24,8 @@ Commit = Callable[[list[Item]], Awaitable[list[Outcome | IngestError]]]
 Probe = Callable[[], Awaitable[None]]
 Listener = Callable[[Item, Outcome | IngestError], None]
 PROBE_INTERVAL_SECS = 1.0
+# At most one commit (one log sync) per this interval; see Pipeline._run.
+COMMIT_INTERVAL_SECS = 0.001
 
 
 @dataclass(slots=True)
@@ -158,8 +160,17 @@ class Pipeline:
                 await self._prober
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_commit = 0.0
         while True:
             entry = await self._queue.get()
+            # Under load, let a batch gather for a moment: a log sync costs the
+            # kernel ~80 us of CPU whether it carries 2 records or 50, and the
+            # HTTP side shares that CPU. Idle, the first record goes at once.
+            pause = last_commit + COMMIT_INTERVAL_SECS - loop.time()
+            if pause > 0 and entry is not None:
+                await asyncio.sleep(pause)
+            last_commit = loop.time()
             batch = []
             stop = entry is None
             if entry is not None:
