@@ -2,6 +2,7 @@
 
     python3 bench/writer_micro.py [--records 20000] [--repeat 3] [--profile]
         [--only wattmon|json] [--fsync always|never] [--dir DIR] [--cold-log]
+        [--window N]
 
 Parses the benchmark bodies (`bench/results/bodies/{wattmon,json}.txt`, made
 by `python3 bench/gen_bodies.py --out bench/results/bodies`) up front, then
@@ -10,7 +11,9 @@ drives a `FileSink` directly from this thread, as the writer thread does:
 records. The first pass over the devices (1,000 Wattmon MACs, 100 JSON
 streams) is a warm-up, so every device is open when timing starts. The log
 files are zero-filled before timing, as in a daemon that has run a while
-(`--cold-log` times that too).
+(`--cold-log` times that too). `--window 1000` starts every device with
+that many keys in its key file, as after a while (`dedup_window_blocks`): a
+keyed record then looks through a full dedup window.
 
 Prints CPU us per record (`time.process_time`, all threads, so a
 checkpoint's fsyncs count too; the kernel's share from `getrusage`) and wall
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import random
 import resource
 import tempfile
 import time
@@ -32,6 +36,7 @@ from pathlib import Path
 from ingestd.config import StorageConfig
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.records import Outcome, Quarantined, Record
+from ingestd.sinks.device import KEYS_NAME
 from ingestd.sinks.file import FileSink
 
 BODIES = Path(__file__).parent / "results" / "bodies"
@@ -67,6 +72,8 @@ def run(
 ) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         config = StorageConfig(data_dir=tmp, fsync=args.fsync)
+        if args.window:
+            fill_windows(Path(tmp), items, args.window)
         sink = FileSink(Path(tmp), config)
         sink._open_blocking()
         if not args.cold_log:
@@ -101,6 +108,15 @@ def run(
         return cpu * 1e6 / n, kernel * 1e6 / n, wall * 1e6 / n
 
 
+def fill_windows(data_dir: Path, items: list[Record | Quarantined], keys: int) -> None:
+    now = time.time()
+    for protocol, device in {(item.protocol, item.device_id) for item in items}:
+        folder = data_dir / protocol / device
+        folder.mkdir(parents=True)
+        lines = "".join(f"{random.getrandbits(128):032x} {now:.3f}\n" for _ in range(keys))
+        (folder / KEYS_NAME).write_text(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,6 +128,7 @@ def main() -> None:
     parser.add_argument("--fsync", choices=["always", "never"], default="always")
     parser.add_argument("--dir", type=Path, help="where the data dirs go (default: $TMPDIR)")
     parser.add_argument("--cold-log", action="store_true", help="time zero-filling the log too")
+    parser.add_argument("--window", type=int, default=0, help="keys each device starts with")
     parser.add_argument("--profile", action="store_true", help="cProfile top 20 of one run")
     args = parser.parse_args()
     if not (BODIES / "wattmon.txt").exists():

@@ -2,7 +2,12 @@
 
 Keys are 16-byte digests stored back to back in one bytearray, with their
 receive times in an array: about 24 bytes a key, against ~150 for a dict.
-A lookup is one memory scan of at most a few KiB.
+A lookup is one memory scan of at most 16 KiB (1,000 keys), a few us for
+every new block once a device's window is full; so a device holding at least
+`FILTER_FROM` keys also gets a one-hash filter (4 KiB for 1,000 blocks), a
+bit per hash value, set for every key held. A clear bit proves a key new
+without the scan; a set one (a resend, or a 3-6% chance) goes on to the scan,
+which alone decides, so answers are the scan's.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 from array import array
 
 KEY_BYTES = 16
+FILTER_FROM = 64  # keys held: below, the scan is about as quick as the filter
+_FILTER_BITS_PER_KEY = 16  # of the most held (twice the window, see add)
 
 
 def key_bytes(key: str) -> bytes:
@@ -18,19 +25,28 @@ def key_bytes(key: str) -> bytes:
 
 
 class DedupWindow:
-    __slots__ = ("_keys", "_max_age", "_max_blocks", "_times")
+    __slots__ = ("_filter", "_keys", "_mask", "_max_age", "_max_blocks", "_times")
 
     def __init__(self, max_blocks: int, max_age_secs: float) -> None:
         self._keys = bytearray()
         self._times = array("d")
         self._max_blocks = max_blocks
         self._max_age = max_age_secs
+        self._filter: bytearray | None = None
+        # A power of two of bits, minus one: hash(key) & mask picks a bit.
+        self._mask = (1 << (2 * max_blocks * _FILTER_BITS_PER_KEY - 1).bit_length()) - 1
 
     def __len__(self) -> int:
         return len(self._times)
 
     def seen(self, key: bytes, now: float) -> bool:
         """Was `key` stored within the window (last N blocks, not too old)?"""
+        bits = self._filter
+        if bits is not None:
+            # hash() of bytes is cached on the object: add() reuses it.
+            h = hash(key) & self._mask
+            if not bits[h >> 3] & (1 << (h & 7)):
+                return False
         low = max(len(self._times) - self._max_blocks, 0) * KEY_BYTES
         # The newest copy decides: a key may come back after it aged out.
         pos = self._keys.rfind(key, low)
@@ -43,8 +59,27 @@ class DedupWindow:
     def add(self, key: bytes, received_at: float) -> None:
         self._keys += key
         self._times.append(received_at)
-        if len(self._times) >= 2 * self._max_blocks:
+        bits = self._filter
+        if bits is not None:
+            h = hash(key) & self._mask
+            bits[h >> 3] |= 1 << (h & 7)
+        held = len(self._times)
+        if held >= 2 * self._max_blocks:
             # Trim in bulk so adding stays O(1) on average.
-            drop = len(self._times) - self._max_blocks
+            drop = held - self._max_blocks
             del self._keys[: drop * KEY_BYTES]
             del self._times[:drop]
+            self._build_filter()  # without the keys dropped
+        elif bits is None and held >= FILTER_FROM:
+            self._build_filter()
+
+    def _build_filter(self) -> None:
+        if len(self._times) < FILTER_FROM:
+            self._filter = None
+            return
+        bits = bytearray((self._mask >> 3) + 1)
+        keys, mask = bytes(self._keys), self._mask
+        for pos in range(0, len(keys), KEY_BYTES):
+            h = hash(keys[pos : pos + KEY_BYTES]) & mask
+            bits[h >> 3] |= 1 << (h & 7)
+        self._filter = bits
