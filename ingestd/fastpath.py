@@ -177,6 +177,9 @@ class FastConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self.server.fast.discard(self)
+        if self._active and not self._busy:  # gone half way through a body
+            self._active = False
+            self.server.in_flight.leave(self)
 
     def pause_writing(self) -> None:
         self._write_paused = True  # a client that does not read its answers
@@ -364,9 +367,10 @@ class FastConnection(asyncio.Protocol):
         if transport is None or self._closed:
             return
         keep_alive = head.keep_alive and not self._close_after and not self.server.closing
-        transport.write(answer(status, text, headers, keep_alive))
+        transport.write(answer(status, text, headers, keep_alive, head.http10))
         if not keep_alive:
             transport.close()
+            self._closed = True  # nothing after this request is read
             return
         self._idle()
         self._next()
@@ -384,21 +388,26 @@ def http_date() -> bytes:
     return _date[1]
 
 
-_ok_answers: dict[tuple[bytes, bool], bytes] = {}
+_ok_answers: dict[tuple[bytes, bool, bool], bytes] = {}
 
 
-def answer(status: int, text: str, headers: dict[str, str], keep_alive: bool) -> bytes:
+def answer(
+    status: int, text: str, headers: dict[str, str], keep_alive: bool, http10: bool = False
+) -> bytes:
     if status == 200 and not headers:  # OK: the same bytes all second long
-        key = (http_date(), keep_alive)
+        key = (http_date(), keep_alive, http10)
         cached = _ok_answers.get(key)
         if cached is None:
-            _ok_answers.clear()
-            cached = _ok_answers[key] = _answer(status, text, headers, keep_alive)
+            if len(_ok_answers) > 8:
+                _ok_answers.clear()
+            cached = _ok_answers[key] = _answer(status, text, headers, keep_alive, http10)
         return cached
-    return _answer(status, text, headers, keep_alive)
+    return _answer(status, text, headers, keep_alive, http10)
 
 
-def _answer(status: int, text: str, headers: dict[str, str], keep_alive: bool) -> bytes:
+def _answer(
+    status: int, text: str, headers: dict[str, str], keep_alive: bool, http10: bool
+) -> bytes:
     body = text.encode()
     lines = [
         b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode()),
@@ -410,6 +419,8 @@ def _answer(status: int, text: str, headers: dict[str, str], keep_alive: bool) -
     lines += [f"{name}: {value}".encode() for name, value in headers.items()]
     if not keep_alive:
         lines.append(b"Connection: close")
+    elif http10:
+        lines.append(b"Connection: keep-alive")
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 

@@ -28,7 +28,15 @@ _HEAD = re.compile(
 # One field line of a head that _HEAD has matched.
 _FIELD = re.compile(r"\r\n([^:]+):([^\r]*)")
 # Fields whose presence means "not the simple shape": aiohttp handles them.
-_HAND_OVER = frozenset({"transfer-encoding", "expect", "upgrade", "content-encoding"})
+_HAND_OVER = frozenset(
+    {"transfer-encoding", "expect", "upgrade", "content-encoding", "sec-websocket-key1"}
+)
+# Fields aiohttp refuses to see twice (its SINGLETON_HEADERS): a repeat is
+# handed over, so aiohttp gives its own 400.
+_SINGLE = frozenset(
+    {"content-length", "content-type", "host", "user-agent", "etag", "max-forwards",
+     "server", "content-range", "content-location"}
+)
 _MAX_LENGTH_DIGITS = 12
 # Devices send a handful of fields; more, and aiohttp's limits decide.
 _MAX_FIELDS = 32
@@ -37,6 +45,7 @@ _MAX_FIELDS = 32
 @dataclass(slots=True)
 class RequestHead:
     path: str
+    http10: bool  # an HTTP/1.0 client is told when its connection stays open
     query_string: str
     keep_alive: bool
     content_length: int
@@ -65,19 +74,25 @@ def parse_head(head: bytes) -> RequestHead | None:
     fields = {name.lower(): value.strip(" \t") for name, value in reversed(pairs)}
     if not _HAND_OVER.isdisjoint(fields):
         return None
+    http10 = match[3] == "0"
+    if not http10 and "host" not in fields:
+        return None  # aiohttp refuses HTTP/1.1 without Host
     forwarded: list[str] = []
+    connection = fields.get("connection")
     if len(fields) != len(pairs):  # a name repeated: rare, look closer
         names = [name.lower() for name, _ in pairs]
-        if names.count("content-length") > 1:
+        if any(names.count(name) > 1 for name in _SINGLE.intersection(names)):
             return None
         forwarded = [v.strip(" \t") for name, v in pairs if name.lower() == "x-forwarded-for"]
+        # Every Connection line's tokens count, as in aiohttp.
+        lines = [v for name, v in pairs if name.lower() == "connection"]
+        connection = ",".join(lines) if lines else None
     elif "x-forwarded-for" in fields:
         forwarded = [fields["x-forwarded-for"]]
     length = fields.get("content-length", "0")
     if not length.isdigit() or len(length) > _MAX_LENGTH_DIGITS:
         return None
-    keep_alive = match[3] == "1"
-    connection = fields.get("connection")
+    keep_alive = not http10
     if connection is not None:
         tokens = {token.strip().lower() for token in connection.split(",")}
         if "upgrade" in tokens:
@@ -88,6 +103,7 @@ def parse_head(head: bytes) -> RequestHead | None:
             keep_alive = True
     return RequestHead(
         path=path,
+        http10=http10,
         query_string=match[2] or "",
         keep_alive=keep_alive,
         content_length=int(length),

@@ -528,11 +528,6 @@ async def test_connection_close_post_is_answered_then_the_connection_closes(clie
     assert json_bodies(tmp_path / "data", "s") == [[1]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fastpath.answer() never sends `Connection: keep-alive`, which an "
-    "HTTP/1.0 client needs to know the connection stays open (aiohttp sends it)",
-)
 async def test_http10_keep_alive_post_is_told_the_connection_stays_open(client, tmp_path):
     """HTTP/1.0 with `Connection: keep-alive`: the answer says
     `Connection: keep-alive`, as aiohttp's does, and a second post on the same
@@ -566,13 +561,6 @@ async def stored_after(client: Any) -> None:
     assert probe.status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a `Connection: close` request answered at once (refusal, or "
-    "empty Wattmon block), FastConnection._consume keeps reading the pipelined "
-    "requests behind it: transport.close() does not set _closed until "
-    "connection_lost, so the next request is stored but never answered",
-)
 async def test_nothing_after_a_connection_close_request_is_served(client, tmp_path):
     """A request after one that asked to close (here refused at once) on the
     same write is neither answered nor stored, as aiohttp does."""
@@ -700,12 +688,6 @@ async def test_client_leaving_half_way_through_a_body_stores_nothing(tmp_path, c
     assert wattmon_file(tmp_path / "data", "66778899aabb").read_bytes() == STORED_BLOCK
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FastConnection.connection_lost does not leave IN_FLIGHT when a "
-    "request's head was read but not its body, so a stop waits its whole "
-    "shutdown timeout for a client that is gone",
-)
 async def test_client_leaving_half_way_through_a_body_is_not_left_in_flight(tmp_path, clock):
     """A client gone mid-body is no longer counted in flight, so a stop does not
     wait for it."""

@@ -47,6 +47,7 @@ def test_plain_post_with_content_length_is_read():
     parsed = accepted(head(HOST, "Content-Type: text/plain", "Content-Length: 12"))
     assert parsed == RequestHead(
         path="/wattmon",
+        http10=False,
         query_string="",
         keep_alive=True,
         content_length=12,
@@ -328,13 +329,6 @@ def test_reference_aiohttp_refuses_these_heads(raw):
     assert aiohttp_refuses(raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_head accepts heads aiohttp refuses with 400 (HTTP/1.1 without "
-    "Host; a repeated Host/Content-Type/User-Agent or other aiohttp singleton "
-    "field; Sec-WebSocket-Key1), so the fast path answers and stores what "
-    "aiohttp would refuse",
-)
 @pytest.mark.parametrize("raw", AIOHTTP_REFUSES.values(), ids=AIOHTTP_REFUSES.keys())
 def test_heads_aiohttp_refuses_are_left_to_aiohttp(raw):
     """A head aiohttp answers with 400 is not taken by the fast path."""
@@ -360,12 +354,6 @@ def test_http10_naming_close_and_keep_alive_is_closed():
     assert llhttp_keeps_http10_alive_despite_close(raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_head judges keep-alive from the first Connection line only; "
-    "aiohttp reads the tokens of every Connection line, so `Connection: "
-    "keep-alive` then `Connection: close` keeps a connection aiohttp closes",
-)
 def test_every_connection_line_counts():
     """`close` on a second Connection line closes the connection, as aiohttp's
     parser reads it."""
@@ -492,19 +480,6 @@ def heads(draw: st.DrawFn) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def known_divergence(parsed: RequestHead, raw: bytes) -> bool:
-    """Heads of the xfail tests above, left out of the property until fixed:
-    remove this filter with their marks."""
-    lines = [line.split(b":", 1)[0].lower() for line in raw.split(b"\r\n")[1:]]
-    singletons = http_parser.SINGLETON_HEADERS
-    return (
-        (raw.split(b"\r\n", 1)[0].endswith(b"HTTP/1.1") and b"host" not in lines)
-        or any(lines.count(name.encode()) > 1 for name in singletons)
-        or lines.count(b"connection") > 1
-        or b"sec-websocket-key1" in lines
-    )
-
-
 def llhttp_keeps_http10_alive_despite_close(raw: bytes) -> bool:
     """llhttp's one reading that differs from aiohttp's Python parser (and
     from parse_head): HTTP/1.0 naming both `close` and `keep-alive` stays
@@ -539,7 +514,7 @@ def test_what_parse_head_accepts_aiohttp_reads_the_same(parser_loop, parser_name
     keep-alive, content length, first value of every field and every
     X-Forwarded-For line; and it sees no upgrade, chunking or compression."""
     parsed = parse_head(raw)
-    if parsed is None or known_divergence(parsed, raw):
+    if parsed is None:
         return
     body = b"b" * min(parsed.content_length, BODY_CAP)
     parser = PARSERS[parser_name](
