@@ -236,8 +236,10 @@ class DeviceFiles:
                 relpath, offset, _, data, _, name = writes[start]
                 end = start + 1
                 while end < count and writes[end][0] == relpath:
-                    end += 1
-                fd = self._open(name)
+                    end += 1  # one write a file: its writes are consecutive
+                fd = self._fd
+                if fd is None or self._fd_name is not name:
+                    fd = self._open(name)  # (or finds it open under an equal name)
                 done.append((name, offset))
                 if end > start + 1:
                     data = b"".join([w[3] for w in writes[start:end]])

@@ -303,16 +303,16 @@ class FileSink:
         then recycle it. The writer goes on meanwhile with the other log."""
         assert self._wal is not None
         if self._checkpointing is not None:
-            index, paths, future = self._checkpointing
+            synced_index, synced_paths, future = self._checkpointing
             if not future.done():
                 return
             self._checkpointing = None
             if future.exception() is None:
-                self._wal.checkpointed(index)
+                self._wal.checkpointed(synced_index)
             else:
                 log.error("checkpoint_failed error=%s: retrying", future.exception())
-                self._unsynced.update(paths)
-                self._retry_index = index
+                self._unsynced.update(synced_paths)
+                self._retry_index = synced_index
         due = (
             time.monotonic() - self._last_checkpoint > self._config.checkpoint_interval_secs
             or self._wal.size > CHECKPOINT_WAL_BYTES
