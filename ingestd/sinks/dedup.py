@@ -47,7 +47,8 @@ class DedupWindow:
             h = hash(key) & self._mask
             if not bits[h >> 3] & (1 << (h & 7)):
                 return False
-        low = max(len(self._times) - self._max_blocks, 0) * KEY_BYTES
+        old = len(self._times) - self._max_blocks  # held but out of the window
+        low = old * KEY_BYTES if old > 0 else 0
         # The newest copy decides: a key may come back after it aged out.
         pos = self._keys.rfind(key, low)
         while pos != -1:

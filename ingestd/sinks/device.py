@@ -158,9 +158,10 @@ class DeviceFiles:
         folder again: the disk, rolled back, is the truth.
         """
         key = record.dedup_key
+        received_at = record.received_at
         if key is not None:
             digest = key_bytes(key)
-            if self.window.seen(digest, record.received_at):
+            if self.window.seen(digest, received_at):
                 return None
         data = record.payload
         header = record.header
@@ -192,10 +193,10 @@ class DeviceFiles:
             self._header = header
         self._size = size + len(data)
         # The key file's line and the log's meta line end alike: format once.
-        stamp = f" {record.received_at:.3f}\n"
+        stamp = f" {received_at:.3f}\n"
         if key is None:
             return (self._relpath, size, "-" + stamp, data, None, name)
-        self.window.add(digest, record.received_at)
+        self.window.add(digest, received_at)
         line = key + stamp
         return (self._relpath, size, line if key else "-" + stamp, data, line, name)
 

@@ -178,14 +178,17 @@ class FileSink:
             ident = (item.protocol, item.device_id)
             device = devices.get(ident)
             # Check a device's files once, before this batch plans writes
-            # that make its in-memory size run ahead of the disk; inline when
-            # it is open and was checked within the second (the common case).
-            verify = ident not in plans and ident not in duplicates
-            if device is not None and (not verify or now < device.recheck_at):
+            # that make its in-memory size run ahead of the disk. Inline when
+            # it is open and was checked within the second (as in a burst).
+            if device is not None and (
+                now < device.recheck_at or ident in plans or ident in duplicates
+            ):
                 devices.move_to_end(ident)
             else:
                 try:
-                    device = self._device(ident, verify=verify)
+                    device = self._device(
+                        ident, verify=ident not in plans and ident not in duplicates
+                    )
                 except OSError as exc:
                     results[i] = self._failed(ident, exc)
                     continue
