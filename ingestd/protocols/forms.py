@@ -15,6 +15,7 @@ import multipart
 from ingestd.errors import BadForm, UnsupportedMediaType
 
 MAX_FIELDS = 256
+_URLENCODED = "application/x-www-form-urlencoded"
 
 
 def parse_form(body: bytes, content_type: str, wanted: frozenset[str]) -> dict[str, bytes]:
@@ -23,6 +24,8 @@ def parse_form(body: bytes, content_type: str, wanted: frozenset[str]) -> dict[s
     A wanted field given twice is an error (which copy would be right?);
     other fields are ignored but counted against MAX_FIELDS.
     """
+    if content_type == _URLENCODED:  # what Wattmon loggers send: skip the header parsing
+        return _urlencoded(body, wanted)
     mime, _, _ = content_type.partition(";")
     mime = mime.strip().lower()
     # Some HTTP stacks on small devices send no Content-Type for a form post.
@@ -46,12 +49,18 @@ def _urlencoded(body: bytes, wanted: frozenset[str]) -> dict[str, bytes]:
         if not piece:
             continue
         raw_name, _, raw_value = piece.partition(b"=")
-        name = _unquote(raw_name).decode("utf-8", "replace")
+        # ASCII letters and digits only (a MAC, an MD5, a plain name): no
+        # escape and no `+`, so nothing to decode.
+        name = (
+            raw_name.decode("ascii")
+            if raw_name.isalnum()
+            else _unquote(raw_name).decode("utf-8", "replace")
+        )
         if name not in wanted:
             continue
         if name in fields:
             raise BadForm(f"field {name} given more than once")
-        fields[name] = _unquote(raw_value)
+        fields[name] = raw_value if raw_value.isalnum() else _unquote(raw_value)
     return fields
 
 
@@ -64,12 +73,21 @@ def _unquote(raw: bytes) -> bytes:
     valid escape must stay as it is: those are escaped first (`%3D`, `%0D`,
     `%0A`, `%25`), which decodes them back to themselves. The output length
     (3 bytes become 1 per escape) proves the decoding was exact; should it
-    not be, the stdlib decodes.
+    not be, the stdlib decodes. Values with none of `=`, CR, LF (nearly all)
+    take a shorter road with a cheaper proof.
     """
+    if b"%" not in raw:
+        return raw.replace(b"+", b" ") if b"+" in raw else raw
+    if not (b"=" in raw or b"\r" in raw or b"\n" in raw):
+        # The common value. Every `=` that a2b_qp sees then stands for a `%`;
+        # it either decodes a valid escape or leaves an `=` in the output (or,
+        # as the last byte, vanishes). So an output without `=`, from a value
+        # not ending in `%`, decoded every escape exactly.
+        decoded = binascii.a2b_qp(raw.translate(_PLUS_PERCENT))
+        if b"=" not in decoded and raw[-1] != 0x25:  # %
+            return decoded
     if b"+" in raw:
         raw = raw.replace(b"+", b" ")
-    if b"%" not in raw:
-        return raw
     if b"=" in raw or b"\r" in raw or b"\n" in raw:
         raw = raw.replace(b"=", b"%3D").replace(b"\r", b"%0D").replace(b"\n", b"%0A")
     decoded = binascii.a2b_qp(raw.replace(b"%", b"="))
@@ -82,6 +100,7 @@ def _unquote(raw: bytes) -> bytes:
 
 
 _LONE_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_PLUS_PERCENT = bytes.maketrans(b"+%", b" =")
 
 
 def _multipart(body: bytes, boundary: str, wanted: frozenset[str]) -> dict[str, bytes]:
