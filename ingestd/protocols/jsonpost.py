@@ -3,19 +3,28 @@ and any other JSON pusher). Each document becomes one JSON Lines record."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import time
+from json.encoder import encode_basestring_ascii
+from typing import Any
 
 from ingestd.errors import BadJson, BadStreamName
 from ingestd.records import Record
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - optional: the stdlib alone gives the same answers
+    orjson = None  # type: ignore[assignment]  # None: not installed
 
 PROTOCOL = "json"
 MAX_STREAM_CHARS = 128
 _STREAM = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]*")
 
 
+@functools.lru_cache(maxsize=1024)  # a fleet posts to the same few paths
 def stream_name(path: str) -> str:
     """`/a/b` to `a_b`; only letters, digits, `.`, `_`, `-`, never a leading `.`.
 
@@ -34,7 +43,19 @@ def rfc3339(ts: float) -> str:
     """Unix seconds to `2026-11-21T19:46:00.123Z`."""
     whole = int(ts)
     millis = int((ts - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    # Both parts precomputed: the requests of one second share its text, and
+    # strftime and formatting are most of the cost.
+    if 0 <= millis < 1000:
+        return _second(whole) + _MILLIS[millis]
+    return _second(whole) + f".{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _second(whole: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
+_MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))
 
 
 def nesting_depth(body: bytes) -> int:
@@ -73,6 +94,78 @@ def parse(
     max_depth: int = 64,
 ) -> Record:
     stream = stream_name(path)
+    if not _accepted_fast(body, max_depth):
+        _check_slowly(body, max_depth)
+    # Valid JSON holds raw CR/LF only as whitespace between tokens, so turning
+    # them into spaces keeps the document as sent, on one line. Being valid,
+    # it also starts and ends with JSON whitespace only: the bytes' strip()
+    # takes off what the text's would.
+    document = body.replace(b"\r", b" ").replace(b"\n", b" ").strip()
+    head = '{"received_at":"%s","remote":%s,"path":%s,"body":' % (
+        rfc3339(received_at),
+        # json.dumps(text) without its Python layers
+        encode_basestring_ascii(remote) if type(remote) is str else json.dumps(remote),
+        encode_basestring_ascii(path) if type(path) is str else json.dumps(path),
+    )
+    line = b"".join((head.encode(), document, b"}\n"))
+    dedup_key = None
+    if idempotency_key:
+        # surrogatepass: keys with bytes that are not UTF-8 (aiohttp decodes
+        # headers with surrogateescape) stay distinct.
+        raw_key = idempotency_key.encode("utf-8", "surrogatepass")
+        dedup_key = hashlib.sha256(raw_key).hexdigest()[:32]
+    return Record(PROTOCOL, stream, received_at, line, dedup_key=dedup_key)
+
+
+# Deeper than real documents, and far shallower than the ~1,000 levels (the
+# recursion limit, the caller's frames included) at which the stdlib's C
+# parser gives up: a deeper document goes to the stdlib, which decides.
+_SHALLOW = 100
+
+
+def _accepted_fast(body: bytes, max_depth: int) -> bool:
+    """True if `body` is a document `_check_slowly` would accept, proven fast.
+
+    orjson (when installed) accepts a subset of what the stdlib accepts: it
+    also refuses bytes that are not UTF-8 (by the same definition as Python's
+    codec), NaN and Infinity, lone surrogates, a BOM, and numbers beyond
+    a double (so integers of at most 309 digits, well inside int's digit
+    limit, at least 640). Its own nesting limit (1,024) is deeper than the
+    stdlib's, so depth is checked here. False means "not proven", never
+    "refused": the stdlib then decides, with its messages.
+    """
+    if orjson is None:
+        return False
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    if body.count(b"[") + body.count(b"{") <= min(max_depth, _SHALLOW):
+        return True  # as deep as it has brackets
+    depth = _depth(value)
+    if depth > _SHALLOW:
+        return False
+    if depth > max_depth:
+        raise BadJson(f"JSON nested deeper than {max_depth} levels")
+    return True
+
+
+def _depth(value: Any) -> int:
+    """How deeply a parsed document nests: `nesting_depth` of its text."""
+    depth = 0
+    level = [value]
+    while level := [item for item in level if type(item) is list or type(item) is dict]:
+        depth += 1
+        level = [
+            child
+            for item in level
+            for child in (item.values() if type(item) is dict else item)
+        ]
+    return depth
+
+
+def _check_slowly(body: bytes, max_depth: int) -> None:
+    """Accept `body` or raise BadJson, with the stdlib's C parser."""
     try:
         text = body.decode("utf-8")
         # The C parser first: it refuses absurd nesting (RecursionError) fast.
@@ -83,17 +176,3 @@ def parse(
         raise BadJson("body is not a JSON document") from exc
     if body.count(b"[") + body.count(b"{") > max_depth and nesting_depth(body) > max_depth:
         raise BadJson(f"JSON nested deeper than {max_depth} levels")
-    # Valid JSON holds raw CR/LF only as whitespace between tokens, so turning
-    # them into spaces keeps the document as sent, on one line.
-    document = text.replace("\r", " ").replace("\n", " ").strip()
-    line = (
-        '{"received_at":"%s","remote":%s,"path":%s,"body":%s}\n'
-        % (rfc3339(received_at), json.dumps(remote), json.dumps(path), document)
-    ).encode()
-    dedup_key = None
-    if idempotency_key:
-        # surrogatepass: keys with bytes that are not UTF-8 (aiohttp decodes
-        # headers with surrogateescape) stay distinct.
-        raw_key = idempotency_key.encode("utf-8", "surrogatepass")
-        dedup_key = hashlib.sha256(raw_key).hexdigest()[:32]
-    return Record(PROTOCOL, stream, received_at, line, dedup_key=dedup_key)
