@@ -83,7 +83,7 @@ def main() -> None:
     results = {"now": bench(wattmon.parse, jsonpost.parse, args)}
     if args.reference:
         sys.path.insert(0, str(ROOT / "tests"))
-        import _reference_parsers as ref
+        import _reference_parsers as ref  # type: ignore[import-not-found]  # tests/, on the path above
 
         results["reference"] = bench(ref.wattmon_parse, ref.json_parse, args)
     for label, figures in results.items():
