@@ -1,10 +1,12 @@
 """Pre-generate unique request bodies for wrk to replay (one request a line).
 
     python3 bench/gen_bodies.py --out bench/results/bodies [--count 200000]
+    python3 bench/gen_bodies.py --out bench/results/bodies/warm --start 1000000 --count 100000
 
 Wattmon: urlencoded forms of 15 rows x 11 columns (about 1.9 KB) with a
 correct md5sum, spread over 1,000 MACs; every block is distinct, so none is
-answered as a resend. JSON: documents of about 700 bytes (an `interfaces`
+answered as a resend (a set made with another --start shares the devices
+but no block: bench/run.py warms the server up with one). JSON: documents of about 700 bytes (an `interfaces`
 array of 4 objects) over 100 stream paths. Lines are `path<TAB>body`.
 """
 
@@ -60,13 +62,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench/results/bodies"))
     parser.add_argument("--count", type=int, default=200_000)
+    parser.add_argument("--start", type=int, default=0, help="number of the first request")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(42)
     for name, make in (("wattmon", wattmon_line), ("json", json_line)):
         path = args.out / f"{name}.txt"
         with open(path, "w") as fh:
-            for n in range(args.count):
+            for n in range(args.start, args.start + args.count):
                 fh.write(make(n, rng) + "\n")
         print(f"{path}: {args.count} requests")
 
