@@ -261,12 +261,15 @@ class FileSink:
         self._devices.move_to_end(ident)
         return device
 
-    def _failed(self, ident: tuple[str, str], exc: OSError) -> StorageFailed:
+    def _failed(self, ident: tuple[str, str], exc: OSError, *, drop: bool = True) -> StorageFailed:
+        """Log a failed write; by default forget the device's state, so its
+        files are loaded again from the disk (the truth after a roll-back)."""
         log.error(
             "storage_failed protocol=%s device=%s error=%s", ident[0], ident[1],
             json.dumps(exc.strerror or str(exc)),
         )
-        self._drop(ident)
+        if drop:
+            self._drop(ident)
         return StorageFailed(f"storage failed ({exc.strerror or 'I/O error'}); retry later")
 
     def _void(self, ident: tuple[str, str], writes: list[PlannedWrite]) -> None:
@@ -455,7 +458,9 @@ class FileSink:
             write_durably(target, block.raw)
             fsync_dir(folder)
         except OSError as exc:
-            return self._failed((block.protocol, block.device_id), exc)
+            # The device's own files were not touched: keep its state, which
+            # this batch may already have planned writes against.
+            return self._failed((block.protocol, block.device_id), exc, drop=False)
         log.warning(
             "quarantined protocol=%s device=%s md5=%s reason=%s",
             block.protocol, block.device_id, block.dedup_key, json.dumps(block.reason),
