@@ -10,6 +10,14 @@ local requests = {}
 local next_index = 1
 local wrapped = false
 
+-- DELAY_MS=n: each connection waits n ms before each request, so 64
+-- connections offer about 64000 / (n + latency) requests a second: a paced
+-- load for latency at a given rate.
+local delay_ms = tonumber(os.getenv("DELAY_MS") or "")
+if delay_ms then
+  function delay() return delay_ms end
+end
+
 function init(args)
   for line in io.lines(bodies_file) do
     local tab = line:find("\t", 1, true)
