@@ -384,7 +384,9 @@ def parse_json(
         return exc
 
 
-def admit_json(app: web.Application, stream: str, parsed: Record | IngestError, now: float) -> Record:
+def admit_json(
+    app: web.Application, stream: str, parsed: Record | IngestError, now: float
+) -> Record:
     if isinstance(parsed, IngestError):
         parsed.device = stream
         app[REPORT_ERROR](jsonpost.PROTOCOL, stream, parsed.code, now)
@@ -508,7 +510,7 @@ def refusal(
             "rejected status=%d code=%s device=%s path=%s remote=%s held_back=%d",
             exc.status, exc.code, exc.device or "-", _safe(path), _safe(peer), held_back,
         )
-    headers = {}
+    headers: dict[str, str] = {}
     if exc.retry_after_secs is not None:
         headers[hdrs.RETRY_AFTER] = str(exc.retry_after_secs)
     if exc.status == 401:

@@ -94,7 +94,7 @@ class FastServer:
             connection.force_close()
         self.aiohttp.pre_shutdown()
 
-    async def shutdown(self, timeout: float | None = None) -> None:
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
         """As aiohttp's: let requests in progress finish within `timeout`,
         then cut what is left."""
         self.closing = True
@@ -128,8 +128,19 @@ class FastServer:
 
 class FastConnection(asyncio.Protocol):
     __slots__ = (
-        "server", "transport", "peer", "deadline", "_buffer", "_head", "_busy",
-        "_active", "_paused", "_write_paused", "_close_after", "_closed", "_waiting",
+        "_active",
+        "_buffer",
+        "_busy",
+        "_close_after",
+        "_closed",
+        "_head",
+        "_paused",
+        "_waiting",
+        "_write_paused",
+        "deadline",
+        "peer",
+        "server",
+        "transport",
     )
 
     def __init__(self, server: FastServer) -> None:
