@@ -277,6 +277,9 @@ def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> we
             max_records=config.storage.queue_max_records,
             enqueue_timeout_secs=config.storage.enqueue_timeout_secs,
             batch_max_records=config.storage.batch_max_records,
+            # No pause here: the main process's pipeline paces the log syncs,
+            # and a second pause would only add to every answer's wait.
+            commit_interval_secs=0.0,
         )
         pipeline.start()
         app[PIPELINE] = pipeline
