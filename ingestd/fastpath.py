@@ -72,6 +72,7 @@ class FastServer:
         self.in_flight = app[IN_FLIGHT]
         self.clock = app[CLOCK]
         self.requests = app[METRICS].requests
+        self.pipeline = app[PIPELINE]
         self.fast: set[FastConnection] = set()
         self.closing = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -135,6 +136,7 @@ class FastConnection(asyncio.Protocol):
         "_closed",
         "_head",
         "_paused",
+        "_protocol",
         "_waiting",
         "_write_paused",
         "deadline",
@@ -150,6 +152,9 @@ class FastConnection(asyncio.Protocol):
         self.deadline = float("inf")
         self._buffer = b""
         self._head: RequestHead | None = None
+        # The protocol chosen when the head was read (a reload meanwhile
+        # does not change where this request goes).
+        self._protocol = ""
         # From a request's head to its answer: a stop waits for it to finish.
         self._active = False
         self._busy = False  # a request is being stored; later ones wait
@@ -217,8 +222,7 @@ class FastConnection(asyncio.Protocol):
             return
         if self._head is not None:
             self._close_after = True
-            protocol = protocol_of(self.server.live.current, self._head.path)
-            self._refuse(RequestTimeout("request body too slow"), self._head, protocol)
+            self._refuse(RequestTimeout("request body too slow"), self._head, self._protocol)
         self.transport.close()
 
     # -- reading requests ------------------------------------------------------
@@ -238,11 +242,13 @@ class FastConnection(asyncio.Protocol):
                         self._buffer = data[pos:]
                     return
                 head = parse_head(data[pos:end])
-                if head is None or not self._takes(head, server):
+                protocol = self._protocol_for(head, server) if head is not None else None
+                if head is None or protocol is None:
                     self._hand_over(data[pos:])
                     return
                 pos = end + len(HEAD_END)
                 self._head = head
+                self._protocol = protocol
                 self._active = True
                 self.server.in_flight.enter(self)
                 self.deadline = time.monotonic() + server.body_timeout_secs
@@ -258,13 +264,14 @@ class FastConnection(asyncio.Protocol):
                 self._keep(data[pos:])
                 return
 
-    def _takes(self, head: RequestHead, server: ServerConfig) -> bool:
-        """A device post this path answers; the rest goes to aiohttp."""
+    def _protocol_for(self, head: RequestHead, server: ServerConfig) -> str | None:
+        """The protocol of a device post this path answers; None for the
+        rest, which goes to aiohttp."""
         if head.path in STATE_PATHS:
-            return False
+            return None
         if head.content_length > min(INLINE_PARSE_BYTES, server.max_body_bytes):
-            return False  # aiohttp streams it, refuses it, or parses it off-loop
-        return protocol_of(self.server.live.current, head.path) is not None
+            return None  # aiohttp streams it, refuses it, or parses it off-loop
+        return protocol_of(self.server.live.current, head.path)
 
     def _keep(self, data: bytes) -> None:
         self._buffer = data
@@ -305,8 +312,7 @@ class FastConnection(asyncio.Protocol):
         app = server.app
         live = server.live
         config = live.current
-        protocol = protocol_of(config, head.path)
-        assert protocol is not None
+        protocol = self._protocol
         self._busy = True
         self.deadline = float("inf")
         try:
@@ -325,7 +331,7 @@ class FastConnection(asyncio.Protocol):
                 parsed_json = parse_json(config, body, head.path, remote,
                                          fields.get("idempotency-key"), now)
                 item = admit_json(app, stream, parsed_json, now)
-            pipeline = app[PIPELINE]
+            pipeline = server.pipeline
             future = pipeline.try_submit(item)
             if future is None:  # the queue is full: wait for room, as aiohttp's path does
                 future = asyncio.ensure_future(pipeline.submit(item))

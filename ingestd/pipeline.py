@@ -93,9 +93,10 @@ class Pipeline:
 
     async def submit(self, item: Item) -> Outcome:
         """Queue `item` and wait until it is stored (or refused)."""
-        if self._closing:
-            raise ShuttingDown("shutting down; retry later")
-        return await (await self._put(item))
+        future = self.try_submit(item)
+        if future is None:
+            future = await self._put_waiting(item)
+        return await future
 
     def try_submit(self, item: Item) -> asyncio.Future[Outcome] | None:
         """Queue `item` without waiting: its future, or None if the queue is
@@ -122,7 +123,7 @@ class Pipeline:
             future = self.try_submit(item)  # no coroutine per record while there is room
             if future is None:
                 try:
-                    future = await self._put(item)
+                    future = await self._put_waiting(item)
                 except QueueFull as exc:
                     queued.append(exc)
                     continue
@@ -138,18 +139,14 @@ class Pipeline:
                 results.append(exc)
         return results
 
-    async def _put(self, item: Item) -> asyncio.Future[Outcome]:
-        """Queue `item`, waiting up to the deadline for room, else QueueFull;
-        return the future the writer resolves."""
+    async def _put_waiting(self, item: Item) -> asyncio.Future[Outcome]:
+        """Queue `item` into a full queue, waiting up to the deadline for
+        room, else QueueFull; return the future the writer resolves."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        entry = (item, future)
         try:
-            self._queue.put_nowait(entry)
-        except asyncio.QueueFull:
-            try:
-                await asyncio.wait_for(self._queue.put(entry), self._enqueue_timeout)
-            except TimeoutError:
-                raise QueueFull("queue full; retry later") from None
+            await asyncio.wait_for(self._queue.put((item, future)), self._enqueue_timeout)
+        except TimeoutError:
+            raise QueueFull("queue full; retry later") from None
         return future
 
     async def close(self) -> None:

@@ -50,8 +50,8 @@ from ingestd.app import (
     error_middleware,
 )
 from ingestd.config import Config, ConfigError
-from ingestd.fastpath import make_runner
 from ingestd.errors import IngestError, StorageFailed
+from ingestd.fastpath import make_runner
 from ingestd.logs import Throttle
 from ingestd.metrics import Metrics
 from ingestd.pipeline import Item, Pipeline
@@ -64,8 +64,6 @@ STORAGE_SOCKET = "storage.sock"
 CONTROL_SOCKET = "control.sock"
 TALLY_INTERVAL_SECS = 2.0
 MAX_PENDING_ERRORS = 10_000
-# Paths the main process answers: state lives there.
-PROXIED = STATE_PATHS
 
 
 # -- messages on the private socket ------------------------------------------------
@@ -303,7 +301,7 @@ def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> we
 
     app.cleanup_ctx.append(pipeline_ctx)
     app.cleanup_ctx.append(proxy_ctx)
-    for path in PROXIED:
+    for path in STATE_PATHS:  # the main process answers them: state lives there
         app.router.add_get(path, proxy_to_main)
     app.router.add_route("*", "/{path:.*}", dispatch)
     return app
