@@ -15,6 +15,10 @@ the measured run sees a daemon that has been running: every device folder
 exists and the write-ahead logs have been filled once. `--warmup 0`
 measures a daemon meeting 1,000 devices for the first time (each new device
 is a mkdir and two file creations, which cost this VM's ext4 50 us to 1 ms).
+
+`--servers baseline,ingestd,ceiling,floor` adds two reference rows: ingestd
+with storage skipped (what the request path alone allows) and a Python core
+answering OK and nothing else (the HTTP exchange's own share).
 """
 
 from __future__ import annotations
@@ -60,14 +64,23 @@ def wait_listening(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"server on port {port} did not start")
 
 
+SERVERS = {
+    "baseline": "the bare aiohttp + uvloop handler of the issue (bench/baseline_server.py)",
+    "ingestd": "ingestd with its defaults: durable, written and fsynced before OK",
+    "ceiling": "ingestd with storage skipped: the request path alone (bench/ceiling_server.py)",
+    "floor": "a Python core answering OK and nothing else (bench/floor_server.py)",
+}
+
+
 def start_server(name: str, port: int, data_dir: Path, workers: int) -> subprocess.Popen[bytes]:
-    if name == "baseline":
-        command = [sys.executable, str(HERE / "baseline_server.py"), str(port)]
+    if name in ("baseline", "floor"):
+        command = [sys.executable, str(HERE / f"{name}_server.py"), str(port)]
     else:
         config = data_dir.parent / f"{data_dir.name}.toml"
         # workers = 1 is the single-process mode: HTTP and storage in one process.
         config.write_text(f"[server]\nworkers = {workers}\n")
-        command = [sys.executable, "-m", "ingestd", "serve", "--config", str(config),
+        daemon = ["-m", "ingestd"] if name == "ingestd" else [str(HERE / "ceiling_server.py")]
+        command = [sys.executable, *daemon, "serve", "--config", str(config),
                    "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
     cores = "0" if workers == 1 else f"0-{workers - 1}"
     proc = subprocess.Popen(["taskset", "-c", cores, *command], stderr=subprocess.DEVNULL)
@@ -128,8 +141,14 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="where ingestd stores during runs")
     parser.add_argument("--only", choices=["wattmon", "json"], default=None)
     parser.add_argument("--servers", default="baseline,ingestd",
-                        help="comma-separated: baseline, ingestd")
+                        help="comma-separated, of: " + "; ".join(
+                            f"{name}: {what}" for name, what in SERVERS.items()))
     args = parser.parse_args()
+    names = args.servers.split(",")
+    if unknown := set(names) - SERVERS.keys():
+        parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    if "ceiling" in names and args.workers != 1:
+        parser.error("the ceiling server runs in one process: use --workers 1")
     if not (BODIES / "wattmon.txt").exists():
         subprocess.run([sys.executable, str(HERE / "gen_bodies.py"), "--out", str(BODIES)],
                        check=True)
@@ -137,8 +156,7 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "gen_bodies.py"), "--out", str(WARM_BODIES),
                         "--start", "1000000", "--count", "100000"], check=True)
     columns = [c for c in COLUMNS if args.only in (None, c[1])]
-    table = {name: [measure(name, column, args) for column in columns]
-             for name in args.servers.split(",")}
+    table = {name: [measure(name, column, args) for column in columns] for name in names}
     print(f"\n{args.runs} runs x {args.seconds} s after {args.warmup:g} s of warm-up, "
           f"{args.connections} connections, "
           f"server on {args.workers} core(s), wrk on core {args.wrk_core}; "
@@ -148,10 +166,12 @@ def main() -> None:
     for name, cells in table.items():
         print(f"| {name} | " + " | ".join(
             f"{c['rate']:,.0f}/s (p99 {c['p99_ms']:.0f} ms)" for c in cells) + " |")
-    if "ingestd" in table and "baseline" in table:
-        pairs = zip(table["ingestd"], table["baseline"], strict=True)
-        print("| ingestd / baseline | " + " | ".join(f"{i['rate'] / b['rate']:.2f}x"
-                                                     for i, b in pairs) + " |")
+    for name in names:
+        if name == "baseline" or "baseline" not in table:
+            continue
+        pairs = zip(table[name], table["baseline"], strict=True)
+        print(f"| {name} / baseline | " + " | ".join(f"{i['rate'] / b['rate']:.2f}x"
+                                                    for i, b in pairs) + " |")
     errors = sum(c["errors"] for cells in table.values() for c in cells)
     if errors:
         print(f"\nwarning: {errors} errors (non-2xx, connect, read) during the runs", file=sys.stderr)
