@@ -105,27 +105,39 @@ def wrk(port: int, protocol: str, new_conn: bool, seconds: float, connections: i
     return {"rate": rate, "errors": errors, "p99_ms": int(result["p99_us"]) / 1000}
 
 
-def measure(name: str, column: tuple[str, str, bool], args: argparse.Namespace) -> dict[str, float]:
+def run_once(name: str, column: tuple[str, str, bool], args: argparse.Namespace) -> dict[str, float]:
+    """One fresh server, warmed up, then one measured wrk run."""
     _, protocol, new_conn = column
-    results = []
+    data_dir = Path(tempfile.mkdtemp(prefix="ingestd-bench-", dir=args.data_root))
+    port = free_port()
+    proc = start_server(name, port, data_dir, args.workers)
+    try:
+        if args.warmup:
+            wrk(port, protocol, new_conn, args.warmup, args.connections, args.wrk_core,
+                WARM_BODIES)
+        return wrk(port, protocol, new_conn, args.seconds, args.connections, args.wrk_core)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        Path(f"{data_dir}.toml").unlink(missing_ok=True)
+
+
+def measure(names: list[str], column: tuple[str, str, bool],
+            args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Each server's median over `args.runs`. The servers take turns run by
+    run, so a slow spell of this shared machine falls on all of them rather
+    than on whichever was being measured at the time."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for _ in range(args.runs):
-        data_dir = Path(tempfile.mkdtemp(prefix="ingestd-bench-", dir=args.data_root))
-        port = free_port()
-        proc = start_server(name, port, data_dir, args.workers)
-        try:
-            if args.warmup:
-                wrk(port, protocol, new_conn, args.warmup, args.connections, args.wrk_core,
-                    WARM_BODIES)
-            results.append(wrk(port, protocol, new_conn, args.seconds, args.connections,
-                               args.wrk_core))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            shutil.rmtree(data_dir, ignore_errors=True)
-            Path(f"{data_dir}.toml").unlink(missing_ok=True)
-    rate = statistics.median(r["rate"] for r in results)
-    return {"rate": rate, "errors": sum(r["errors"] for r in results),
-            "p99_ms": statistics.median(r["p99_ms"] for r in results)}
+        for name in names:
+            runs[name].append(run_once(name, column, args))
+    return {
+        name: {"rate": statistics.median(r["rate"] for r in results),
+               "errors": sum(r["errors"] for r in results),
+               "p99_ms": statistics.median(r["p99_ms"] for r in results)}
+        for name, results in runs.items()
+    }
 
 
 def main() -> None:
@@ -156,7 +168,8 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "gen_bodies.py"), "--out", str(WARM_BODIES),
                         "--start", "1000000", "--count", "100000"], check=True)
     columns = [c for c in COLUMNS if args.only in (None, c[1])]
-    table = {name: [measure(name, column, args) for column in columns] for name in names}
+    by_column = [measure(names, column, args) for column in columns]
+    table = {name: [cells[name] for cells in by_column] for name in names}
     print(f"\n{args.runs} runs x {args.seconds} s after {args.warmup:g} s of warm-up, "
           f"{args.connections} connections, "
           f"server on {args.workers} core(s), wrk on core {args.wrk_core}; "
