@@ -166,3 +166,16 @@ async def test_background_checkpoints_recycle_the_logs_and_replay_stays_exact(tm
     await recovered.close()
     expected = "Time,Seq\n" + "".join(f"2026-11-21 08:00:{i:02d},{i}\n" for i in range(60))
     assert csv_file(image).read_text() == expected
+
+
+async def test_a_key_line_torn_by_the_crash_does_not_swallow_the_replayed_keys(tmp_path):
+    image = await crash_image(tmp_path, [[record(0), record(1), record(2), record(3)]])
+    keys = image / "wattmon" / MAC / ".ingestd-keys"
+    # An earlier checkpoint's key write, cut mid-line by the crash.
+    keys.write_bytes(b"%032x 1795247000.000\n" % 99 + b"%032x 17952" % 98)
+    sink = await open_sink(image)
+    # Every replayed key starts a line of its own, so each resend is known.
+    assert await sink.commit([record(i) for i in range(4)]) == [Outcome.DUPLICATE] * 4
+    await sink.close()
+    assert keys.read_bytes().startswith(b"%032x 1795247000.000\n%032x " % (99, 0))
+    assert csv_file(image).read_text() == EXPECTED

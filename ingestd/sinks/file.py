@@ -24,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
+from typing import BinaryIO
 
 from ingestd.config import StorageConfig
 from ingestd.errors import IngestError, StorageFailed
@@ -413,7 +414,8 @@ class FileSink:
         for folder, folder_keys in keys.items():
             if folder_keys:
                 lines = "".join(f"{key} {ts:.3f}\n" for key, ts in folder_keys)
-                with open(folder / KEYS_NAME, "ab") as fh:
+                with open(folder / KEYS_NAME, "a+b") as fh:
+                    cut_torn_line(fh)
                     fh.write(lines.encode("ascii"))
                     os.fsync(fh.fileno())
         for folder in {p.parent for p in ends}:
@@ -466,6 +468,27 @@ class FileSink:
             block.protocol, block.device_id, block.dedup_key, json.dumps(block.reason),
         )
         return Outcome.QUARANTINED
+
+
+def cut_torn_line(fh: BinaryIO) -> None:
+    """Cut a last line the crash left without its end, so the lines
+    appended next start a line of their own (a key glued to a torn one
+    would be unreadable, and that block stored again when resent)."""
+    end = fh.seek(0, os.SEEK_END)
+    if not end:
+        return
+    fh.seek(end - 1)
+    if fh.read(1) == b"\n":
+        return
+    start = max(end - 4096, 0)  # key lines are 48 bytes; a key file, at most ~200 KB
+    fh.seek(start)
+    tail = fh.read()
+    if b"\n" not in tail:
+        start = 0
+        fh.seek(0)
+        tail = fh.read()
+    fh.truncate(start + tail.rfind(b"\n") + 1)
+    fh.seek(0, os.SEEK_END)
 
 
 def write_durably(path: Path, data: bytes) -> None:
