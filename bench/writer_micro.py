@@ -2,7 +2,7 @@
 
     python3 bench/writer_micro.py [--records 20000] [--repeat 3] [--profile]
         [--only wattmon|json] [--fsync always|never] [--dir DIR] [--cold-log]
-        [--window N]
+        [--window N] [--max-open-files N]
 
 Parses the benchmark bodies (`bench/results/bodies/{wattmon,json}.txt`, made
 by `python3 bench/gen_bodies.py --out bench/results/bodies`) up front, then
@@ -13,7 +13,11 @@ streams) is a warm-up, so every device is open when timing starts. The log
 files are zero-filled before timing, as in a daemon that has run a while
 (`--cold-log` times that too). `--window 1000` starts every device with
 that many keys in its key file, as after a while (`dedup_window_blocks`): a
-keyed record then looks through a full dedup window.
+keyed record then looks through a full dedup window. `--max-open-files 100`
+(below the 1,000 devices) has the writer close a device for every one it
+opens, as in a fleet larger than `storage.max_open_files`: each record then
+loads its device's folder and key file again (with `--window 1000`, the
+state of a fleet that has been posting for a while).
 
 Prints CPU us per record (`time.process_time`, all threads, so a
 checkpoint's fsyncs count too; the kernel's share from `getrusage`) and wall
@@ -71,7 +75,9 @@ def run(
     prof: cProfile.Profile | None,
 ) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        config = StorageConfig(data_dir=tmp, fsync=args.fsync)
+        config = StorageConfig(
+            data_dir=tmp, fsync=args.fsync, max_open_files=args.max_open_files
+        )
         if args.window:
             fill_windows(Path(tmp), items, args.window)
         sink = FileSink(Path(tmp), config)
@@ -129,6 +135,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="where the data dirs go (default: $TMPDIR)")
     parser.add_argument("--cold-log", action="store_true", help="time zero-filling the log too")
     parser.add_argument("--window", type=int, default=0, help="keys each device starts with")
+    parser.add_argument("--max-open-files", type=int, default=StorageConfig().max_open_files,
+                        help="devices the writer keeps open (fewer: reloads)")
     parser.add_argument("--profile", action="store_true", help="cProfile top 20 of one run")
     args = parser.parse_args()
     if not (BODIES / "wattmon.txt").exists():

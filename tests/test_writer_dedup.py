@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 
 import pytest
 
 from ingestd.sinks.dedup import FILTER_FROM, DedupWindow
+from ingestd.sinks.device import KEYS_NAME, DeviceFiles, Settings
 
 
 class PlainWindow:
@@ -59,3 +61,52 @@ def test_a_key_that_shares_its_filter_bit_is_still_new():
     # Some of these hit a set bit (about 1 in 60 here) and are scanned for.
     assert not any(window.seen(key, 1.0) for key in fresh)
     assert all(window.seen(key, 1.0) for key in held)
+
+
+@pytest.mark.parametrize(("seed", "max_blocks"), [(s, b) for s in range(3) for b in (1, 40, 1000)])
+def test_a_window_loaded_in_bulk_answers_as_one_added_key_by_key(seed, max_blocks):
+    rng = random.Random(seed)
+    loaded = [(hashlib.md5(b"%d-%d" % (seed, i)).digest(), float(i)) for i in range(
+        rng.choice([max_blocks // 2, max_blocks, 2 * max_blocks + 3]) + 1)]
+    window, plain = DedupWindow(max_blocks, 500.0), PlainWindow(max_blocks, 500.0)
+    window.extend(b"".join(key for key, _ in loaded), [at for _, at in loaded])
+    for key, at in loaded:
+        plain.add(key, at)
+    now = float(len(loaded))
+    for i in range(3 * max_blocks + 50):
+        now += rng.choice([0.0, 1.0, 40.0])
+        fresh = hashlib.md5(b"new %d-%d" % (seed, i)).digest()
+        key = rng.choice([fresh, rng.choice(loaded)[0]])
+        assert window.seen(key, now) == plain.seen(key, now), i
+        window.add(key, now)
+        plain.add(key, now)
+
+
+def key_line(i: int, at: float) -> bytes:
+    return b"%s %.3f\n" % (hashlib.md5(b"%d" % i).hexdigest().encode(), at)
+
+
+def load_device(folder: Path, keys_file: bytes, window_blocks: int) -> DeviceFiles:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / KEYS_NAME).write_bytes(keys_file)
+    settings = Settings("day", 1 << 20, window_blocks, 3600.0)
+    return DeviceFiles.load(folder, "wattmon/x", "csv", settings)
+
+
+def test_the_key_file_tail_is_the_window(tmp_path):
+    lines = [key_line(i, 100.0 + i) for i in range(50)]
+    device = load_device(tmp_path / "d", b"".join(lines), window_blocks=10)
+    for i in range(50):
+        digest = hashlib.md5(b"%d" % i).digest()
+        # The last 10 keys are in the window; older ones are not remembered.
+        assert device.window.seen(digest, 200.0) == (i >= 40), i
+
+
+def test_a_torn_or_foreign_line_in_the_key_file_costs_only_itself(tmp_path):
+    lines = [key_line(i, 100.0 + i) for i in range(6)]
+    torn = lines[5][:20]  # a crash cut the last write
+    glued = lines[2][:10] + lines[3]  # a torn line and the next one, run together
+    keys_file = lines[0] + b"not a key line\n" + lines[1] + glued + lines[4] + torn
+    device = load_device(tmp_path / "d", keys_file, window_blocks=100)
+    answers = [device.window.seen(hashlib.md5(b"%d" % i).digest(), 200.0) for i in range(6)]
+    assert answers == [True, True, False, False, True, False]

@@ -16,6 +16,11 @@ from array import array
 
 KEY_BYTES = 16
 FILTER_FROM = 64  # keys held: below, the scan is about as quick as the filter
+# Adds before a window gets its filter: a window loaded from a key file
+# (1,000 keys) waits for that many, as a device of a fleet larger than
+# `max_open_files` is mostly closed again after a post or two, and building
+# the filter costs more than a few hundred scans.
+FILTER_AFTER_ADDS = 16
 _FILTER_BITS_PER_KEY = 16  # of the most held (twice the window, see add)
 
 
@@ -25,7 +30,7 @@ def key_bytes(key: str) -> bytes:
 
 
 class DedupWindow:
-    __slots__ = ("_filter", "_keys", "_mask", "_max_age", "_max_blocks", "_times")
+    __slots__ = ("_adds", "_filter", "_keys", "_mask", "_max_age", "_max_blocks", "_times")
 
     def __init__(self, max_blocks: int, max_age_secs: float) -> None:
         self._keys = bytearray()
@@ -33,6 +38,7 @@ class DedupWindow:
         self._max_blocks = max_blocks
         self._max_age = max_age_secs
         self._filter: bytearray | None = None
+        self._adds = 0  # one by one, since this window was made or loaded
         # A power of two of bits, minus one: hash(key) & mask picks a bit.
         self._mask = (1 << (2 * max_blocks * _FILTER_BITS_PER_KEY - 1).bit_length()) - 1
 
@@ -60,6 +66,7 @@ class DedupWindow:
     def add(self, key: bytes, received_at: float) -> None:
         self._keys += key
         self._times.append(received_at)
+        self._adds += 1
         bits = self._filter
         if bits is not None:
             h = hash(key) & self._mask
@@ -71,8 +78,23 @@ class DedupWindow:
             del self._keys[: drop * KEY_BYTES]
             del self._times[:drop]
             self._build_filter()  # without the keys dropped
-        elif bits is None and held >= FILTER_FROM:
+        elif bits is None and held >= FILTER_FROM and self._adds >= FILTER_AFTER_ADDS:
             self._build_filter()
+
+    def extend(self, keys: bytes, times: list[float]) -> None:
+        """`add` for many keys at once, oldest first (a key file's tail):
+        the same answers after, without a call per key. The filter waits
+        for FILTER_AFTER_ADDS adds (the scan alone answers until then)."""
+        assert len(keys) == KEY_BYTES * len(times)
+        self._keys += keys
+        self._times.extend(times)
+        held = len(self._times)
+        if held >= 2 * self._max_blocks:
+            drop = held - self._max_blocks
+            del self._keys[: drop * KEY_BYTES]
+            del self._times[:drop]
+        self._filter = None
+        self._adds = 0
 
     def _build_filter(self) -> None:
         if len(self._times) < FILTER_FROM:
