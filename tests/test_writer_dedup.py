@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.sinks.dedup import FILTER_FROM, DedupWindow
+from ingestd.sinks.dedup import FILTER_AFTER_ADDS, FILTER_FROM, DedupWindow, parse_key_lines
 from ingestd.sinks.device import KEYS_NAME, DeviceFiles, Settings
 
 
@@ -63,23 +63,39 @@ def test_a_key_that_shares_its_filter_bit_is_still_new():
     assert all(window.seen(key, 1.0) for key in held)
 
 
-@pytest.mark.parametrize(("seed", "max_blocks"), [(s, b) for s in range(3) for b in (1, 40, 1000)])
-def test_a_window_loaded_in_bulk_answers_as_one_added_key_by_key(seed, max_blocks):
+@pytest.mark.parametrize(
+    ("seed", "max_blocks"), [(s, b) for s in range(4) for b in (1, 20, 40, 100, 1000)]
+)
+def test_a_window_loaded_from_key_lines_answers_as_a_plain_list(seed, max_blocks):
+    """Loaded lines are searched as they are, then parsed once the device
+    is busy, then pushed out by newer keys: the answers never change."""
     rng = random.Random(seed)
-    loaded = [(hashlib.md5(b"%d-%d" % (seed, i)).digest(), float(i)) for i in range(
-        rng.choice([max_blocks // 2, max_blocks, 2 * max_blocks + 3]) + 1)]
+    count = rng.choice([0, 1, max_blocks // 2, max_blocks - 1, max_blocks, max_blocks + 7])
+    loaded = [(hashlib.md5(b"%d-%d" % (seed, i)).digest(), float(i)) for i in range(count)]
+    if count > 3 and rng.random() < 0.5:
+        loaded[-1] = (loaded[1][0], loaded[-1][1])  # a key stored twice: the newest decides
     window, plain = DedupWindow(max_blocks, 500.0), PlainWindow(max_blocks, 500.0)
-    window.extend(b"".join(key for key, _ in loaded), [at for _, at in loaded])
+    window.load(b"".join(b"%s %.3f\n" % (key.hex().encode(), at) for key, at in loaded))
     for key, at in loaded:
         plain.add(key, at)
-    now = float(len(loaded))
-    for i in range(3 * max_blocks + 50):
+    now = float(count) + rng.choice([0.0, 400.0])  # some loaded keys near their age limit
+    for i in range(3 * max_blocks + 2 * FILTER_AFTER_ADDS + 50):
         now += rng.choice([0.0, 1.0, 40.0])
         fresh = hashlib.md5(b"new %d-%d" % (seed, i)).digest()
-        key = rng.choice([fresh, rng.choice(loaded)[0]])
+        key = fresh if not loaded or rng.random() < 0.5 else rng.choice(loaded)[0]
         assert window.seen(key, now) == plain.seen(key, now), i
-        window.add(key, now)
-        plain.add(key, now)
+        if rng.random() < 0.8:
+            window.add(key, now)
+            plain.add(key, now)
+        assert len(window) <= 2 * max_blocks + 7
+
+
+def test_parsed_key_lines_leave_out_what_is_not_one_key_and_one_time():
+    good = [hashlib.md5(b"%d" % i).hexdigest().encode() for i in range(3)]
+    lines = b"%s 1.500\n%s\n%s 2.000 extra\n%s 3.250\n" % (good[0], good[1], good[2], good[2])
+    digests, times = parse_key_lines(lines)
+    assert digests == bytes.fromhex((good[0] + good[2]).decode())
+    assert times == [1.5, 3.25]
 
 
 def key_line(i: int, at: float) -> bytes:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import orjson
 
 from ingestd.records import Record
 from ingestd.sinks.dedup import DedupWindow, key_bytes
@@ -21,8 +18,6 @@ from ingestd.sinks.wal import write_all
 
 KEYS_NAME = ".ingestd-keys"
 _KEY_LINE_BYTES = 48  # "32 hex digits, space, seconds.millis\n", rounded up
-_KEY_HEX = 32
-_KEY_LINE = re.compile(rb"^([0-9a-fA-F]{32}) ([0-9]+(?:\.[0-9]*)?)\n", re.MULTILINE)
 FILE_MODE = 0o644
 RECHECK_SECS = 1.0
 
@@ -122,9 +117,7 @@ class DeviceFiles:
         self._relpath = f"{self.relpath}/{name.name}"
 
     def _load_keys(self) -> None:
-        """The window from the key file's tail, parsed in bulk: a device
-        evicted from a large fleet is loaded again at its next post, and
-        a line at a time (1,000 of them) cost more than the post itself."""
+        """The window from the key file's tail, kept as lines (see dedup)."""
         path = self.folder / KEYS_NAME
         try:
             with open(path, "rb") as fh:
@@ -140,26 +133,7 @@ class DeviceFiles:
             whole = tail[cut + 1 :] if cut >= 0 else b""
         # Whole lines only: a torn last one is a block never acknowledged
         # (its key is in the write-ahead log, which a replay appends again).
-        whole = whole[: whole.rfind(b"\n") + 1]
-        tokens = whole.split()
-        keys, stamps = tokens[::2], tokens[1::2]
-        try:
-            # The usual file, every line "key stamp": read at C speed.
-            if len(keys) != len(stamps) or len(keys) != whole.count(b"\n"):
-                raise ValueError("not one key and one stamp a line")
-            if keys and set(map(len, keys)) != {_KEY_HEX}:
-                raise ValueError("a key of another length")
-            digests = bytes.fromhex(b"".join(keys).decode("ascii"))
-            # One JSON array: orjson reads 1,000 stamps in a fraction of what
-            # float() a stamp costs. A stamp that is no JSON number goes below.
-            times = orjson.loads(b"[%b]" % b",".join(stamps))
-        except ValueError:
-            # A line garbled (two run together by a short write): line by line.
-            lines = _KEY_LINE.findall(whole)
-            digests = bytes.fromhex(b"".join(key for key, _ in lines).decode("ascii"))
-            times = [float(ts) for _, ts in lines]
-        if times:
-            self.window.extend(digests, times)
+        self.window.load(whole[: whole.rfind(b"\n") + 1])
         if size > 4 * keep:
             self._compact_keys(tail)
 
