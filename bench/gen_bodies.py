@@ -3,6 +3,8 @@
     python3 bench/gen_bodies.py --out bench/results/bodies [--count 200000]
     python3 bench/gen_bodies.py --out bench/results/bodies/warm --start 1000000 --count 100000
 
+(bench/large_fleet.py calls `wattmon_line(n, rng, devices)` for a larger fleet.)
+
 Wattmon: urlencoded forms of 15 rows x 11 columns (about 1.9 KB) with a
 correct md5sum, spread over 1,000 MACs; every block is distinct, so none is
 answered as a resend (a set made with another --start shares the devices
@@ -22,9 +24,9 @@ from urllib.parse import quote_plus
 COLUMNS = ["Time", "V1", "V2", "V3", "I1", "I2", "I3", "P", "E", "T", "Hz"]
 
 
-def wattmon_line(n: int, rng: random.Random) -> str:
-    mac = f"0050c2{n % 1000:06x}"
-    minute = n // 1000
+def wattmon_line(n: int, rng: random.Random, devices: int = 1000) -> str:
+    mac = f"0050c2{n % devices:06x}"
+    minute = n // devices
     rows = [",".join(COLUMNS)]
     for r in range(15):
         t = minute * 15 + r
