@@ -68,7 +68,9 @@ def main() -> None:
         data_dir = root / "data"
         make_fleet(data_dir, args.devices, args.keys)
         config = root / "ingestd.toml"
-        config.write_text(f"[server]\nworkers = 1\n[storage]\nmax_open_files = {args.max_open_files}\n")
+        config.write_text(
+            f"[server]\nworkers = 1\n[storage]\nmax_open_files = {args.max_open_files}\n"
+        )
         port = free_port()
         proc = subprocess.Popen(
             ["taskset", "-c", "0", sys.executable, "-m", "ingestd", "serve", "--config",
