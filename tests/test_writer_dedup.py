@@ -109,13 +109,17 @@ def load_device(folder: Path, keys_file: bytes, window_blocks: int) -> DeviceFil
     return DeviceFiles.load(folder, "wattmon/x", "csv", settings)
 
 
-def test_the_key_file_tail_is_the_window(tmp_path):
-    lines = [key_line(i, 100.0 + i) for i in range(50)]
-    device = load_device(tmp_path / "d", b"".join(lines), window_blocks=10)
-    for i in range(50):
+@pytest.mark.parametrize("window_blocks", [1, 10])
+@pytest.mark.parametrize("first_stamp", [100.0, 1_795_248_000.0])  # 41- and 48-byte lines
+def test_the_key_file_tail_is_the_window(tmp_path, window_blocks, first_stamp):
+    count = 5 * window_blocks + 1
+    lines = [key_line(i, first_stamp + i) for i in range(count)]
+    device = load_device(tmp_path / "d", b"".join(lines), window_blocks=window_blocks)
+    now = first_stamp + count
+    for i in range(count):
         digest = hashlib.md5(b"%d" % i).digest()
-        # The last 10 keys are in the window; older ones are not remembered.
-        assert device.window.seen(digest, 200.0) == (i >= 40), i
+        # The last keys, as many as the window holds, are remembered; no older one.
+        assert device.window.seen(digest, now) == (i >= count - window_blocks), i
 
 
 def test_a_torn_or_foreign_line_in_the_key_file_costs_only_itself(tmp_path):

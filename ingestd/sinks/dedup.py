@@ -30,7 +30,7 @@ FILTER_FROM = 64  # keys held: below, the scan is about as quick as the filter
 FILTER_AFTER_ADDS = 16
 _FILTER_BITS_PER_KEY = 16  # of the most held (twice the window, see add)
 # A key file line: the key's hex digits, a space, the receive time, "\n".
-_KEY_LINE = re.compile(rb"^([0-9a-fA-F]{32}) ([0-9]+(?:\.[0-9]*)?)\n", re.MULTILINE)
+_KEY_LINE = re.compile(rb"^([0-9a-f]{32}) ([0-9]+(?:\.[0-9]*)?)\n", re.MULTILINE)
 
 
 def key_bytes(key: str) -> bytes:
@@ -75,6 +75,8 @@ class DedupWindow:
         self._filter: bytearray | None = None
         self._adds = 0  # since this window was made or loaded
         # Key-file lines older than every key in _keys, not parsed yet.
+        # While there are any, fewer than max_blocks keys are held and there
+        # is no filter (it would not know them): `add` keeps it so.
         self._cold = b""
         self._cold_lines = 0
         # A power of two of bits, minus one: hash(key) & mask picks a bit.
@@ -87,8 +89,8 @@ class DedupWindow:
         """Start from a key file's whole lines, oldest first (before any add)."""
         assert not self._times and not self._cold, "load before adding"
         # Lines beyond the window may be among them: lookups count lines.
-        self._cold = lines
-        self._cold_lines = lines.count(b"\n")
+        self._cold = lines[: lines.rfind(b"\n") + 1]  # whole lines only
+        self._cold_lines = self._cold.count(b"\n")
 
     def seen(self, key: bytes, now: float) -> bool:
         """Was `key` stored within the window (last N blocks, not too old)?"""
@@ -119,7 +121,7 @@ class DedupWindow:
                 return False
             if pos == 0 or cold[pos - 1] == 0x0A:  # "\n"
                 break
-            end = pos + len(needle) - 1
+            end = pos + len(needle) - 1  # search before this match only
         line_end = cold.index(b"\n", pos)
         newer = len(self._times) + cold.count(b"\n", line_end + 1)
         if newer >= self._max_blocks:

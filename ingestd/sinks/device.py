@@ -17,7 +17,8 @@ from ingestd.sinks.rotation import FileName, OpenFile, next_file, parse_file_nam
 from ingestd.sinks.wal import write_all
 
 KEYS_NAME = ".ingestd-keys"
-_KEY_LINE_BYTES = 48  # "32 hex digits, space, seconds.millis\n", rounded up
+# "32 hex digits, space, seconds.millis\n": 48 bytes for times since 2001.
+_KEY_LINE_BYTES = 48
 FILE_MODE = 0o644
 RECHECK_SECS = 1.0
 
@@ -122,7 +123,8 @@ class DeviceFiles:
         try:
             with open(path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                keep = self.settings.dedup_window_blocks * _KEY_LINE_BYTES
+                # A line more than the window: the first one read may be cut.
+                keep = (self.settings.dedup_window_blocks + 1) * _KEY_LINE_BYTES
                 fh.seek(max(size - keep, 0))
                 tail = fh.read()
         except FileNotFoundError:
