@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
+from _mutations import mutated
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
@@ -139,23 +139,6 @@ def boundary_fits(boundary: str, values: list[bytes]) -> bool:
     """True if no value holds its own end delimiter (CRLF -- boundary)."""
     delimiter = b"\r\n--" + boundary.encode()
     return all((value + delimiter).find(delimiter) == len(value) for value in values)
-
-
-@st.composite
-def mutated(draw: st.DrawFn, base: bytes) -> bytes:
-    """`base` with a few random bytes replaced, inserted or deleted."""
-    data = bytearray(base)
-    for _ in range(draw(st.integers(0, 4))):
-        at = draw(st.integers(0, len(data)))
-        action = draw(st.sampled_from(["insert", "delete", "replace"]))
-        chunk = draw(st.binary(min_size=1, max_size=4))
-        if action == "insert":
-            data[at:at] = chunk
-        elif action == "delete":
-            del data[at : at + len(chunk)]
-        else:
-            data[at : at + len(chunk)] = chunk
-    return bytes(data)
 
 
 @st.composite
