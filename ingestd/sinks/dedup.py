@@ -144,10 +144,7 @@ class DedupWindow:
         if self._cold and held >= self._max_blocks:
             self._cold, self._cold_lines = b"", 0  # all out of the window now
         if held >= 2 * self._max_blocks:
-            # Trim in bulk so adding stays O(1) on average.
-            drop = held - self._max_blocks
-            del self._keys[: drop * KEY_BYTES]
-            del self._times[:drop]
+            self._keep_window()  # in bulk, so adding stays O(1) on average
             self._build_filter()  # without the keys dropped
         elif bits is None and self._adds >= FILTER_AFTER_ADDS:
             if self._cold:
@@ -161,9 +158,12 @@ class DedupWindow:
         self._keys[:0] = digests
         self._times = array("d", times) + self._times
         self._cold, self._cold_lines = b"", 0
-        held = len(self._times)
-        if held > self._max_blocks:
-            drop = held - self._max_blocks
+        self._keep_window()
+
+    def _keep_window(self) -> None:
+        """Forget the keys older than the last max_blocks."""
+        drop = len(self._times) - self._max_blocks
+        if drop > 0:
             del self._keys[: drop * KEY_BYTES]
             del self._times[:drop]
 

@@ -133,9 +133,10 @@ class DeviceFiles:
         if size > keep:
             cut = tail.find(b"\n")  # the first line may be cut
             whole = tail[cut + 1 :] if cut >= 0 else b""
-        # Whole lines only: a torn last one is a block never acknowledged
-        # (its key is in the write-ahead log, which a replay appends again).
-        self.window.load(whole[: whole.rfind(b"\n") + 1])
+        # The window takes whole lines only: a torn last one is a block never
+        # acknowledged (its key is in the write-ahead log, which a replay
+        # appends again).
+        self.window.load(whole)
         if size > 4 * keep:
             self._compact_keys(tail)
 
