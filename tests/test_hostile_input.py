@@ -23,7 +23,7 @@ BOUNDARY = "XyZzy"
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 JSON = {"Content-Type": "application/json"}
 # Files the data dir keeps for itself, whatever is posted.
-INTERNAL = {".ingestd-wal", ".ingestd-wal.1"}
+INTERNAL = {".ingestd-wal", ".ingestd-wal.1", ".ingestd-lock"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,7 @@ CASES: dict[str, Post | Raw] = {
     "path-backslash-encoded": raw_post("/..%5c..%5cevil"),
     "path-backslash-raw": raw_post(b"/..\\..\\evil"),
     "path-leading-dot-wal": raw_post("/.ingestd-wal"),
+    "path-leading-dot-lock": raw_post("/.ingestd-lock"),
     "path-leading-dot": raw_post("/.evil"),
     "path-empty-stream": raw_post("/"),
     "path-name-129-chars": raw_post("/" + "a" * 129),

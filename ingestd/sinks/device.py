@@ -359,6 +359,20 @@ def sync_paths(paths: list[str], spread_secs: float = 0.0) -> None:
             os.close(fd)
 
 
+def make_dirs_durably(path: Path) -> None:
+    """`mkdir -p`, then fsync the parent of every folder it created: a new
+    entry survives a power cut only once its parent folder is synced."""
+    missing = []
+    folder = path
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+    for folder in missing:
+        fsync_dir(folder.parent)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's new entries durable (a created file, a rename)."""
     with contextlib.suppress(FileNotFoundError):

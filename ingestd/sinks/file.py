@@ -30,6 +30,7 @@ from ingestd.config import StorageConfig
 from ingestd.errors import IngestError, StorageFailed
 from ingestd.protocols.jsonpost import rfc3339
 from ingestd.records import Outcome, Quarantined, Record
+from ingestd.logs import Throttle
 from ingestd.sinks.device import (
     FILE_MODE,
     KEYS_NAME,
@@ -37,8 +38,10 @@ from ingestd.sinks.device import (
     PlannedWrite,
     Settings,
     fsync_dir,
+    make_dirs_durably,
     sync_paths,
 )
+from ingestd.sinks.lock import DataDirLock
 from ingestd.sinks.rotation import parse_file_name, period_of
 from ingestd.sinks.wal import WriteAheadLog, read_log
 
@@ -77,6 +80,10 @@ class FileSink:
         self._retry_index: int | None = None
         # Called from the writer thread with ("log_sync" | "write", seconds).
         self.observe: Callable[[str, float], None] | None = None
+        self._lock = DataDirLock(data_dir)
+        # A full disk refuses every post: one log line per refusal would
+        # flood the journal (the metrics still count each one).
+        self._failure_log = Throttle(per_sec=1.0, burst=5)
 
     @property
     def open_devices(self) -> int:
@@ -96,9 +103,19 @@ class FileSink:
         await self._run(self._open_blocking)
 
     def _open_blocking(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        epoch = self.recover()
-        self._wal = WriteAheadLog(self.data_dir, sync=self._sync, epoch=epoch)
+        make_dirs_durably(self.data_dir)
+        # Before anything in the folder is read: a second instance must not
+        # replay (and cut) the live daemon's files.
+        self._lock.acquire()
+        try:
+            epoch = self.recover()
+            self._wal = WriteAheadLog(self.data_dir, sync=self._sync, epoch=epoch)
+            # The log files' entries: acknowledged blocks live only in them
+            # until the first checkpoint.
+            fsync_dir(self.data_dir)
+        except BaseException:
+            self._lock.release()
+            raise
 
     async def close(self) -> None:
         """Sync and close everything; the log ends empty (a clean stop)."""
@@ -120,7 +137,7 @@ class FileSink:
             if future.exception() is not None:
                 self._unsynced.update(paths)
         try:
-            self._sync_now(sorted(self._unsynced))
+            self._sync_now(self._take_paths_to_sync())
         except OSError as exc:
             log.error("final_sync_failed error=%s: the log keeps the writes", exc.strerror)
         else:
@@ -129,6 +146,7 @@ class FileSink:
         self._syncer.shutdown(wait=True)
         self._wal.close()
         self._wal = None
+        self._lock.release()
 
     async def reopen(self) -> None:
         """Close every device's handles; the next write opens them again, so
@@ -265,10 +283,12 @@ class FileSink:
     def _failed(self, ident: tuple[str, str], exc: OSError, *, drop: bool = True) -> StorageFailed:
         """Log a failed write; by default forget the device's state, so its
         files are loaded again from the disk (the truth after a roll-back)."""
-        log.error(
-            "storage_failed protocol=%s device=%s error=%s", ident[0], ident[1],
-            json.dumps(exc.strerror or str(exc)),
-        )
+        allowed, held = self._failure_log.allow("storage_failed")
+        if allowed:
+            log.error(
+                "storage_failed protocol=%s device=%s error=%s held_back=%d", ident[0], ident[1],
+                json.dumps(exc.strerror or str(exc)), held,
+            )
         if drop:
             self._drop(ident)
         return StorageFailed(f"storage failed ({exc.strerror or 'I/O error'}); retry later")
@@ -331,7 +351,26 @@ class FileSink:
         if index is None:
             return
         self._retry_index = None
+        try:
+            ordered = self._take_paths_to_sync()
+        except OSError:
+            self._retry_index = index
+            return
+        # Spread over half the interval: done well before the next one is due.
+        spread = self._config.checkpoint_interval_secs / 2
+        job = self._syncer.submit(self._sync_now, ordered, spread)
+        self._checkpointing = (index, ordered, job)
+        self._last_checkpoint = time.monotonic()
+
+    def _take_paths_to_sync(self) -> list[str]:
+        """Every file and folder whose writes the log alone holds durable,
+        files before the folders they are in, parents last; they count as
+        synced from here (the caller puts them back if the sync fails).
+        Raises OSError, taking nothing, if orphaned keys cannot be written."""
+        # First: the checkpoint cannot succeed before these are on disk.
+        orphan_key_files = self._write_orphan_keys()
         paths = set(self._unsynced)
+        paths.update(orphan_key_files)
         self._unsynced.clear()
         for ident, device in list(self._devices.items()):
             try:
@@ -340,20 +379,9 @@ class FileSink:
                 self._failed(ident, exc)
         paths.update(f"{folder}/" for folder in self._new_dirs)
         self._new_dirs.clear()
-        try:
-            paths.update(self._write_orphan_keys())
-        except OSError:
-            self._unsynced.update(paths)
-            self._retry_index = index
-            return
-        # Files before the folders they are in, parents last. (Folders end
-        # in "/": known without a stat, which would cost 1,000s here.)
-        ordered = sorted(paths, key=lambda p: (p.endswith("/"), -p.count("/")))
-        # Spread over half the interval: done well before the next one is due.
-        spread = self._config.checkpoint_interval_secs / 2
-        job = self._syncer.submit(self._sync_now, ordered, spread)
-        self._checkpointing = (index, ordered, job)
-        self._last_checkpoint = time.monotonic()
+        # (Folders end in "/": known without a stat, which would cost
+        # 1,000s here.)
+        return sorted(paths, key=lambda p: (p.endswith("/"), -p.count("/")))
 
     def _sync_now(self, paths: list[str], spread_secs: float = 0.0) -> None:
         if self._sync:
@@ -361,12 +389,17 @@ class FileSink:
 
     def _write_orphan_keys(self) -> list[str]:
         written = []
-        while self._orphan_keys:
-            folder, lines = self._orphan_keys[0]
-            with open(folder / KEYS_NAME, "a", encoding="ascii") as fh:
-                fh.write("".join(lines))
-            written.append(str(folder / KEYS_NAME))
-            self._orphan_keys.pop(0)
+        try:
+            while self._orphan_keys:
+                folder, lines = self._orphan_keys[0]
+                with open(folder / KEYS_NAME, "a", encoding="ascii") as fh:
+                    fh.write("".join(lines))
+                written.append(str(folder / KEYS_NAME))
+                self._orphan_keys.pop(0)
+        except OSError:
+            # Those already written still need their sync.
+            self._unsynced.update(written)
+            raise
         return written
 
     def recover(self) -> int:
@@ -417,10 +450,17 @@ class FileSink:
                 with open(folder / KEYS_NAME, "a+b") as fh:
                     cut_torn_line(fh)
                     fh.write(lines.encode("ascii"))
+                    # Flushed before the fsync: the log is reset next, and
+                    # these keys alone then tell a resend from a new block.
+                    fh.flush()
                     os.fsync(fh.fileno())
-        for folder in {p.parent for p in ends}:
+        # Deepest first, the data directory last: replay may have re-created
+        # any level (a device folder, `wattmon/`).
+        folders = {p.parent for p in ends}
+        for folder in sorted(folders | {f.parent for f in folders}, key=lambda f: -len(f.parts)):
             fsync_dir(folder)
-            fsync_dir(folder.parent)
+        if folders:
+            fsync_dir(self.data_dir)
         if ends:
             log.warning("recovered_from_log files=%d", len(ends))
         return epoch
@@ -455,7 +495,7 @@ class FileSink:
             "reason": block.reason,
         }
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_dirs_durably(folder)
             write_durably(folder / f"{name}.json", json.dumps(meta).encode() + b"\n")
             write_durably(target, block.raw)
             fsync_dir(folder)
