@@ -128,3 +128,22 @@ async def test_file_appended_by_someone_else_is_reloaded_not_corrupted(client, t
     assert (resp.status, await resp.text()) == (200, "OK")
     lines = path.read_text().splitlines()
     assert lines[-2:] == ["2026-11-21 09:00:00,foreign,row", block(2).splitlines()[1]]
+
+
+async def test_storage_failures_on_a_full_disk_are_logged_throttled(start_client, small_fs, caplog):
+    """Every refusal is counted, but a full disk does not flood the journal."""
+    client = await start_client(make_config(small_fs / "data"))
+    with open(small_fs / "filler", "wb") as fh:
+        fh.write(b"\0" * (512 * 1024 - 96 * 1024))
+    refused = 0
+    for i in range(3000):
+        mac = f"0011223344{i % 50:02x}"  # many devices: each a new failure
+        resp = await client.post("/wattmon", data=wattmon_form(mac, block(i)), headers=FORM)
+        await resp.read()
+        if resp.status == 503:
+            refused += 1
+            if refused >= 150:
+                break
+    assert refused >= 150, "the filesystem never filled up"
+    lines = [r.getMessage() for r in caplog.records if "storage_failed" in r.getMessage()]
+    assert 1 <= len(lines) <= 20, len(lines)
