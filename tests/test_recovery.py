@@ -17,6 +17,7 @@ from conftest import make_config
 from ingestd.protocols.wattmon import split_block
 from ingestd.records import Outcome, Record
 from ingestd.sinks.file import FileSink
+from ingestd.sinks.housekeeping import compress_file
 from ingestd.sinks.wal import WAL_NAME, Frame, decode_frames, read_log
 
 T0 = 1_795_248_000.0
@@ -179,3 +180,19 @@ async def test_a_key_line_torn_by_the_crash_does_not_swallow_the_replayed_keys(t
     await sink.close()
     assert keys.read_bytes().startswith(b"%032x 1795247000.000\n%032x " % (99, 0))
     assert csv_file(image).read_text() == EXPECTED
+
+
+async def test_keys_of_a_file_compressed_before_the_crash_are_replayed(tmp_path):
+    """Housekeeping gzipped a closed file whose blocks' keys were still only
+    in the log: the replay skips the file but not its keys, so a resend of
+    one of its blocks is still recognised."""
+    image = await crash_image(tmp_path, [[record(0), record(1)]])
+    keys = image / "wattmon" / MAC / ".ingestd-keys"
+    keys.unlink(missing_ok=True)  # the checkpoint that writes them never came
+    await asyncio.to_thread(compress_file, csv_file(image))
+    sink = await open_sink(image)
+    try:
+        assert await sink.commit([record(1)]) == [Outcome.DUPLICATE]
+    finally:
+        await sink.close()
+    assert not csv_file(image).exists()

@@ -415,22 +415,27 @@ class FileSink:
             if path is None:
                 log.error("wal_bad_path path=%s: skipped", json.dumps(frame.relpath))
                 continue
-            if path.with_name(path.name + ".gz").exists():
-                continue  # closed and compressed after it was synced: complete
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Closed and compressed after it was written: the .gz is whole
+            # (synced before the original went). Its blocks' keys may still
+            # be only in this log, so they are replayed all the same.
+            compressed = path.with_name(path.name + ".gz").exists()
+            if not compressed:
+                path.parent.mkdir(parents=True, exist_ok=True)
             folder_keys = keys.setdefault(path.parent, [])
             if frame.data:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
-                try:
-                    os.pwrite(fd, frame.data, frame.offset)
-                finally:
-                    os.close(fd)
+                if not compressed:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT, FILE_MODE)
+                    try:
+                        os.pwrite(fd, frame.data, frame.offset)
+                    finally:
+                        os.close(fd)
                 if frame.key is not None:
                     folder_keys.append((frame.key, frame.received_at))
             elif frame.key is not None and (frame.key, frame.received_at) in folder_keys:
                 # A void frame: that write was rolled back, so was its key.
                 folder_keys.remove((frame.key, frame.received_at))
-            ends[path] = frame.offset + len(frame.data)
+            if not compressed:
+                ends[path] = frame.offset + len(frame.data)
         for path, end in ends.items():
             size = path.stat().st_size if path.exists() else 0
             if size > end:
@@ -456,7 +461,7 @@ class FileSink:
                     os.fsync(fh.fileno())
         # Deepest first, the data directory last: replay may have re-created
         # any level (a device folder, `wattmon/`).
-        folders = {p.parent for p in ends}
+        folders = {p.parent for p in ends} | {f for f, folder_keys in keys.items() if folder_keys}
         for folder in sorted(folders | {f.parent for f in folders}, key=lambda f: -len(f.parts)):
             fsync_dir(folder)
         if folders:
