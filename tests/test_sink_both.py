@@ -7,18 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 from aiohttp.test_utils import TestClient
 from nats_server import NATS_SERVER, NatsServer
-from test_jetstream import (  # noqa: F401 - nats_server is a fixture
+from test_jetstream import (
     device_files,
     js_config,
-    md5,
-    nats_server,
     post_block,
     start,
     stream_messages,
@@ -35,6 +35,14 @@ pytestmark = pytest.mark.skipif(
 MAC = "00:1A:2B:3C:4D:5E"
 DEVICE = "001a2b3c4d5e"
 BLOCK = "Time,V\n2026-11-21 08:00:00,230.1\n"
+
+
+@pytest.fixture
+async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    yield server
+    await server.stop()
 
 
 def both_config(data_dir: Path, server: NatsServer, **jetstream: Any) -> Config:
@@ -117,6 +125,26 @@ async def test_too_large_for_nats_is_refused_before_anything_is_stored(start_cli
         await server.stop()
 
 
+async def test_too_large_for_the_streams_max_msg_size_is_refused_with_413(
+    start_client, nats_server, tmp_path
+):
+    """A stream made by someone else with a smaller message limit: a resend
+    would never get in, so it is a 413 (not a 503 forever), stored nowhere."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().add_stream(name="INGESTD", subjects=["ingestd.>"],
+                                        max_msg_size=2048)
+    finally:
+        await nc.close()
+    client = await start(start_client, both_config(tmp_path / "data", nats_server))
+    assert await post_json(client, "big", {"pad": "x" * 2048}) == 413
+    assert await post_json(client, "small", {"v": 1}) == 200
+    await wait_health(client, 200)
+    await client.close()
+    assert list(stored_files(tmp_path / "data")) == ["json/small/2026-11-21.jsonl"]
+    assert len(await stream_messages(nats_server)) == 1
+
+
 async def test_a_file_failure_after_the_stream_ack_keeps_the_streams_received_at(
     start_client, nats_server, tmp_path, clock
 ):
@@ -141,6 +169,32 @@ async def test_a_file_failure_after_the_stream_ack_keeps_the_streams_received_at
     assert files == {"json/meter/2026-11-21.jsonl": message.data}
     assert json.loads(message.data)["received_at"] == "2026-11-21T08:00:00.000Z"
     await assert_export_rebuilds(config, nats_server, tmp_path / "central")
+
+
+async def test_a_stream_copy_that_cannot_be_read_back_still_answers_ok(
+    start_client, nats_server, tmp_path, clock, caplog
+):
+    """The stream's copy is gone (deleted; the server still knows its id):
+    the file keeps the resend as received rather than refusing it forever."""
+    config = both_config(tmp_path / "data", nats_server)
+    client = await start(start_client, config)
+    blocker = tmp_path / "data" / "json" / "meter"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_bytes(b"")
+    assert await post_json(client, "meter", {"v": 1}, key="k-1") == 503
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().delete_msg("INGESTD", 1)
+    finally:
+        await nc.close()
+    blocker.unlink()
+    clock.now += 30
+    await wait_health(client, 200)
+    assert await post_json(client, "meter", {"v": 1}, key="k-1") == 200
+    await client.close()
+    [line] = stored_files(tmp_path / "data")["json/meter/2026-11-21.jsonl"].splitlines()
+    assert json.loads(line)["received_at"] == "2026-11-21T08:00:30.000Z"
+    assert "jetstream_copy_unavailable protocol=json device=meter" in caplog.text
 
 
 async def test_an_ack_lost_in_a_hang_keeps_the_streams_received_at(
