@@ -42,10 +42,8 @@ from ingestd.config import (
     StorageConfig,
     load_config,
 )
-from ingestd.errors import BadDeviceKey, BadStreamName, IngestError
+from ingestd.errors import IngestError
 from ingestd.logs import setup_logging
-from ingestd.protocols.jsonpost import stream_name
-from ingestd.protocols.wattmon import normalise_mac
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.sinks import jetstream as js_sink
 from ingestd.sinks.file import FileSink
@@ -86,39 +84,7 @@ class ExportSummary:
 
 def record_from(msg: Msg) -> Record | Quarantined:
     """The record a message carries; ValueError if it is not one of ours."""
-    headers = msg.headers or {}
-    protocol = headers.get(js_sink.PROTOCOL)
-    device = headers.get(js_sink.DEVICE, "")
-    if protocol not in ("wattmon", "json"):
-        raise ValueError(f"no {js_sink.PROTOCOL} header")
-    try:
-        if protocol == "wattmon":
-            valid = normalise_mac(device.encode()) == device
-        else:
-            valid = stream_name("/" + device) == device
-    except (BadDeviceKey, BadStreamName):
-        valid = False
-    if not valid:  # it becomes a folder name: never trust it unchecked
-        raise ValueError("bad device id")
-    received = headers.get(js_sink.RECEIVED_AT, "")
-    when = datetime.datetime.fromisoformat(received.replace("Z", "+00:00"))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    received_at = when.timestamp()
-    key = headers.get(js_sink.KEY)
-    if key is not None and not _KEY.fullmatch(key):
-        key = None
-    if js_sink.QUARANTINED in headers:
-        reason = js_sink.unescape_header(headers[js_sink.QUARANTINED]).decode("utf-8", "replace")
-        return Quarantined(protocol, device, received_at, msg.data, reason, key)
-    header = b""
-    if js_sink.CSV_HEADER in headers:
-        header = js_sink.unescape_header(headers[js_sink.CSV_HEADER])
-        if b"\n" in header or b"\r" in header:
-            raise ValueError("CSV header of more than one line")
-        header += b"\n"
-    count = int(headers.get(js_sink.COUNT, "1"))
-    return Record(protocol, device, received_at, msg.data, header, key, count)
+    return js_sink.record_from(msg.headers, msg.data)
 
 
 async def export(options: ExportOptions, stop: asyncio.Event | None = None) -> ExportSummary:

@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -46,7 +48,15 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from ingestd.config import JetStreamConfig
-from ingestd.errors import BlockTooLarge, IngestError, Unavailable
+from ingestd.errors import (
+    BadDeviceKey,
+    BadStreamName,
+    BlockTooLarge,
+    IngestError,
+    Unavailable,
+)
+from ingestd.protocols.jsonpost import stream_name
+from ingestd.protocols.wattmon import normalise_mac
 from ingestd.records import Outcome, Quarantined, Record
 
 if TYPE_CHECKING:
@@ -169,6 +179,48 @@ def message(item: Item, prefix: str) -> tuple[str, dict[str, str], bytes]:
     return f"{prefix}.{item.protocol}.{token}", headers, item.payload
 
 
+_KEY = re.compile(r"[0-9a-f]{32}")
+
+
+def record_from(headers: Mapping[str, str] | None, body: bytes) -> Item:
+    """The record a stored message carries (`message()` read back): what
+    export writes, and what `both` writes for a resend the stream had.
+    ValueError if it is not one of ours."""
+    headers = headers or {}
+    protocol = headers.get(PROTOCOL)
+    device = headers.get(DEVICE, "")
+    if protocol not in ("wattmon", "json"):
+        raise ValueError(f"no {PROTOCOL} header")
+    try:
+        if protocol == "wattmon":
+            valid = normalise_mac(device.encode()) == device
+        else:
+            valid = stream_name("/" + device) == device
+    except (BadDeviceKey, BadStreamName):
+        valid = False
+    if not valid:  # it becomes a folder name: never trust it unchecked
+        raise ValueError("bad device id")
+    received = headers.get(RECEIVED_AT, "")
+    when = datetime.datetime.fromisoformat(received.replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    received_at = when.timestamp()
+    key = headers.get(KEY)
+    if key is not None and not _KEY.fullmatch(key):
+        key = None
+    if QUARANTINED in headers:
+        reason = unescape_header(headers[QUARANTINED]).decode("utf-8", "replace")
+        return Quarantined(protocol, device, received_at, body, reason, key)
+    header = b""
+    if CSV_HEADER in headers:
+        header = unescape_header(headers[CSV_HEADER])
+        if b"\n" in header or b"\r" in header:
+            raise ValueError("CSV header of more than one line")
+        header += b"\n"
+    count = int(headers.get(COUNT, "1"))
+    return Record(protocol, device, received_at, body, header, key, count)
+
+
 def wire_size(headers: Mapping[str, str], body: bytes, stream: str) -> int:
     """What the server counts against max_payload: headers block and body."""
     size = len(b"NATS/1.0\r\n\r\n") + len(body)
@@ -216,6 +268,7 @@ class JetStreamSink:
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._ready = False  # connected once and the stream is there
+        self._max_msg_size = -1  # the stream's own limit (headers and body); -1: none
         # A publish failed; cleared by a probe or a batch that goes through.
         self._failing = False
         self._task: asyncio.Task[None] | None = None
@@ -223,6 +276,7 @@ class JetStreamSink:
         self._in_flight: set[asyncio.Future[Any]] = set()
         self._last_error_log = 0.0
         self._last_publish_error_log = 0.0
+        self._last_copy_error_log = 0.0
         self._closing = False
         self._closing_task: asyncio.Task[None] | None = None
         self.stats = JetStreamStats()
@@ -328,6 +382,7 @@ class JetStreamSink:
         try:
             info = await js.stream_info(cfg.stream)
         except nats.js.errors.NotFoundError:
+            self._max_msg_size = -1
             await js.add_stream(
                 StreamConfig(
                     name=cfg.stream,
@@ -346,6 +401,7 @@ class JetStreamSink:
             )
             return
         current = info.config
+        self._max_msg_size = current.max_msg_size if current.max_msg_size is not None else -1
         changes: dict[str, Any] = {}
         if subject not in (current.subjects or []):
             changes["subjects"] = [*(current.subjects or []), subject]
@@ -395,10 +451,16 @@ class JetStreamSink:
 
     async def commit(self, items: list[Item]) -> list[Result]:
         """Publish a batch, pipelined; one result per item, in order."""
+        results, _ = await self.publish(items)
+        return results
+
+    async def publish(self, items: list[Item]) -> tuple[list[Result], dict[int, int]]:
+        """`commit`, plus where the stream holds what it answered DUPLICATE
+        for: {index in items: stream sequence of the copy stored first}."""
         js, nc = self._js, self._nc
         if js is None or nc is None or not nc.is_connected or not self._ready:
             self.stats.failures += len(items)
-            return [SinkUnavailable("jetstream unavailable; retry later")] * len(items)
+            return [SinkUnavailable("jetstream unavailable; retry later")] * len(items), {}
         cfg = self._config
         results: list[Result | None] = [None] * len(items)
         waiting: dict[asyncio.Future[Any], int] = {}
@@ -424,8 +486,11 @@ class JetStreamSink:
                 future.cancel()
         finally:
             self._in_flight.difference_update(waiting)
+        stored_at: dict[int, int] = {}
         for future, i in waiting.items():
             results[i] = self._result(items[i], future)
+            if results[i] is Outcome.DUPLICATE:
+                stored_at[i] = future.result().seq
         for i, result in enumerate(results):
             if result is None:  # not even sent before the deadline
                 results[i] = self._failed(TimeoutError("publish stalled"))
@@ -436,7 +501,56 @@ class JetStreamSink:
             self._wake.set()
         elif waiting:
             self._failing = False
-        return [r if r is not None else SinkUnavailable("internal error") for r in results]
+        return [
+            r if r is not None else SinkUnavailable("internal error") for r in results
+        ], stored_at
+
+    async def stored_copies(self, wanted: Mapping[int, tuple[Item, int]]) -> dict[int, Item]:
+        """For {index: (record, stream sequence)}, the records the stream
+        holds there, read back concurrently. One that cannot be read in time,
+        or is not the same protocol, device and key, is left out."""
+        js = self._js
+        if js is None or not wanted:
+            return {}
+        indexes = list(wanted)
+        fetches = [
+            asyncio.ensure_future(js.get_msg(self._config.stream, wanted[i][1]))
+            for i in indexes
+        ]
+        done, late = await asyncio.wait(fetches, timeout=self._config.publish_timeout_secs)
+        for fetch in late:
+            fetch.cancel()
+        copies: dict[int, Item] = {}
+        for i, fetch in zip(indexes, fetches, strict=True):
+            if fetch not in done or fetch.exception() is not None:
+                error = fetch.exception() if fetch in done else TimeoutError("no answer in time")
+                self._log_copy_unavailable(wanted[i][0], error)
+                continue
+            stored = fetch.result()
+            try:
+                copy = record_from(stored.headers, stored.data or b"")
+            except ValueError as exc:
+                self._log_copy_unavailable(wanted[i][0], exc)
+                continue
+            item = wanted[i][0]
+            if (
+                (copy.protocol, copy.device_id, copy.dedup_key, type(copy))
+                == (item.protocol, item.device_id, item.dedup_key, type(item))
+            ):
+                copies[i] = copy
+            else:
+                self._log_copy_unavailable(item, ValueError("another record at that sequence"))
+        return copies
+
+    def _log_copy_unavailable(self, item: Item, exc: BaseException | None) -> None:
+        now = time.monotonic()
+        if now - self._last_copy_error_log >= 1.0:  # a line a second at most
+            self._last_copy_error_log = now
+            log.warning(
+                "jetstream_copy_unavailable protocol=%s device=%s error=%s: the file keeps "
+                "the resend as received",
+                item.protocol, item.device_id, json.dumps(repr(exc)),
+            )
 
     async def _publish(
         self, js: JetStreamContext, nc: NATS, item: Item
@@ -447,11 +561,16 @@ class JetStreamSink:
             return self._failed(ConnectionError("jetstream disconnected")), None
         subject, headers, body = message(item, cfg.subject_prefix)
         # The server cuts the connection on an oversized message (headers
-        # count too): refuse it here instead.
-        if wire_size(headers, body, cfg.stream) > nc.max_payload:
+        # count too), and the stream refuses one over its max_msg_size, which
+        # a resend would never get past: refuse it here, before `both` stores
+        # it anywhere.
+        limit = nc.max_payload
+        if self._max_msg_size >= 0:
+            limit = min(limit, self._max_msg_size)
+        if wire_size(headers, body, cfg.stream) > limit:
             log.error(
                 "jetstream_too_large protocol=%s device=%s bytes=%d max_payload=%d",
-                item.protocol, item.device_id, len(body), nc.max_payload,
+                item.protocol, item.device_id, len(body), limit,
             )
             return BlockTooLarge("record larger than the JetStream server's max_payload"), None
         try:
@@ -495,7 +614,16 @@ def _server(nc: NATS | None) -> str:
 
 class Fanout:
     """Sends each record to the sinks its route names: `file`, `jetstream` or
-    `both` (then OK only once both have it). One result per record."""
+    `both`. One result per record.
+
+    `both` is JetStream first, then the file: a record goes to the file only
+    once JetStream acknowledged it, and is answered OK only once the file
+    stored it too. Refused by JetStream (down, hung, too large), it is in
+    neither; refused by the file after the ack, it is in the stream only,
+    and the device's resend is a duplicate there. A record JetStream already
+    had (a resend after a lost answer) goes to the file as the stream holds
+    it, received time and all, so files and stream agree (and export
+    rebuilds the files)."""
 
     def __init__(self, file: FileSink, jetstream: JetStreamSink, routes: Mapping[str, str]) -> None:
         self._file = file
@@ -503,32 +631,36 @@ class Fanout:
         self._routes = dict(routes)
 
     async def commit(self, items: list[Item]) -> list[Result]:
-        to_file: list[int] = []
-        to_js: list[int] = []
-        for i, item in enumerate(items):
-            route = self._routes.get(item.protocol, "file")
-            if route != "jetstream":
-                to_file.append(i)
-            if route != "file":
-                to_js.append(i)
+        routes = [self._routes.get(item.protocol, "file") for item in items]
+        to_js = [i for i, route in enumerate(routes) if route != "file"]
         if not to_js:
             return await self._file.commit(items)
-        if not to_file:
+        if len(to_js) == len(items) and "both" not in routes:
             return await self._jetstream.commit(items)
-        file_results, js_results = await asyncio.gather(
-            self._file.commit([items[i] for i in to_file]),
-            self._jetstream.commit([items[i] for i in to_js]),
-        )
+        published, stored_at = await self._jetstream.publish([items[i] for i in to_js])
         results: list[Result | None] = [None] * len(items)
-        for i, result in zip(to_file, file_results, strict=True):
+        for i, result in zip(to_js, published, strict=True):
             results[i] = result
-        for i, result in zip(to_js, js_results, strict=True):
-            earlier = results[i]
-            # `both`: the file's outcome, unless JetStream failed.
-            if earlier is None or (
-                isinstance(result, IngestError) and not isinstance(earlier, IngestError)
-            ):
-                results[i] = result
+        # To the file: its own routes' records, and `both`'s that the stream has.
+        to_file = [
+            i for i, route in enumerate(routes)
+            if route == "file" or (route == "both" and not isinstance(results[i], IngestError))
+        ]
+        if not to_file:
+            return [r if r is not None else SinkUnavailable("internal error") for r in results]
+        # A duplicate with a key of its own (MD5, Idempotency-Key) may differ
+        # from the stream's copy in its received time: store that copy. One
+        # without is new to the file whatever the stream says, as with
+        # `sink = "file"`.
+        copies = await self._jetstream.stored_copies({
+            i: (items[i], seq) for n, i in enumerate(to_js)
+            if routes[i] == "both" and items[i].dedup_key is not None
+            and (seq := stored_at.get(n)) is not None
+        })
+        file_results = await self._file.commit([copies.get(i, items[i]) for i in to_file])
+        for i, result in zip(to_file, file_results, strict=True):
+            # `both`: the file's outcome, now that JetStream has the record.
+            results[i] = result
         return [r if r is not None else SinkUnavailable("internal error") for r in results]
 
     async def probe(self) -> None:
