@@ -35,7 +35,7 @@ from typing import Any
 import mfusepy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from durable_image import DIR, FILE, MODES, DurableImage  # noqa: E402
+from durable_image import DIR, FILE, MODES, DurableImage
 
 
 class DurableFS(mfusepy.Operations):  # type: ignore[misc]
@@ -366,7 +366,7 @@ def control(fs: DurableFS, mount: Path) -> None:
             answer = f"error unknown command {words[0]!r}"
         fs.say(answer)
     # stdin closed: the controller is gone, so go too.
-    subprocess.run(["fusermount3", "-u", "-z", str(mount)], check=False)
+    subprocess.run(["fusermount3", "-u", "-z", str(mount)], check=False, capture_output=True)
 
 
 def main() -> None:
@@ -395,6 +395,7 @@ def main() -> None:
         # Unlinks of open files reach us as unlinks, not renames to .fuse_hidden.
         hard_remove=True,
         default_permissions=True,
+        max_threads=16,
     )
 
 

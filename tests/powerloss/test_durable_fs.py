@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -220,15 +219,15 @@ async def test_flock_is_exclusive_across_processes(start_disk) -> None:
     process cannot take a lock the first holds."""
     disk = await start_disk("strict")
     path = disk.mountpoint / "ingestd.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
-         "print('held', flush=True); sys.stdin.read()", str(path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+        "print('held', flush=True); sys.stdin.read()", str(path),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert holder.stdout is not None
-        assert await asyncio.to_thread(holder.stdout.readline) == b"held\n"
+        assert await holder.stdout.readline() == b"held\n"
 
         def try_lock() -> None:
             with open(path, "a") as fh, pytest.raises(BlockingIOError):
@@ -237,4 +236,4 @@ async def test_flock_is_exclusive_across_processes(start_disk) -> None:
         await asyncio.to_thread(try_lock)
     finally:
         holder.kill()
-        holder.communicate()
+        await holder.communicate()
