@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -130,8 +131,7 @@ class DurableImage:
         else:
             self._commit(lambda directory: directory == ino)
 
-    def _commit(self, which: object) -> None:
-        assert callable(which)
+    def _commit(self, which: Callable[[int], bool]) -> None:
         still = []
         for op in self.pending:
             rest = []
