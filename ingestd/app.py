@@ -18,7 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingestd import fleet
 from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
-from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
+from ingestd.config import (
+    RELOADABLE,
+    RESERVED_PATHS,
+    Config,
+    changed_settings,
+    is_reserved,
+    keep_restart_only,
+)
 from ingestd.devices import DeviceRegistry
 from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
 from ingestd.logs import Throttle, setup_logging
@@ -225,8 +232,9 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-# The state routes; every other path is a device route (see `protocol_of`).
-STATE_PATHS = ("/healthz", "/metrics", "/api/devices", "/", "/status")
+# The state routes (GET); every path not reserved is a device route (see
+# `protocol_of`).
+STATE_PATHS = RESERVED_PATHS
 
 
 def protocol_of(config: Config, path: str) -> str | None:
@@ -260,6 +268,10 @@ def check_access(
 async def dispatch(request: web.Request) -> web.Response:
     """Route a device request, after the checks that need no body."""
     live = request.app[CONFIG]
+    if is_reserved(request.path):  # never a stream: a POST to /status is a mistake
+        if request.path in STATE_PATHS:
+            raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_GET, hdrs.METH_HEAD])
+        raise web.HTTPNotFound()
     protocol = protocol_of(live.current, request.path)
     if protocol is None:
         raise web.HTTPNotFound()

@@ -36,7 +36,6 @@ from ingestd.app import (
     METRICS,
     OK_BODY,
     PIPELINE,
-    STATE_PATHS,
     admit_json,
     admit_stream,
     admit_wattmon,
@@ -46,7 +45,7 @@ from ingestd.app import (
     protocol_of,
     refusal,
 )
-from ingestd.config import ServerConfig
+from ingestd.config import ServerConfig, is_reserved
 from ingestd.errors import IngestError, RequestTimeout
 from ingestd.http1 import HEAD_END, RequestHead, parse_head
 from ingestd.protocols import wattmon
@@ -267,8 +266,8 @@ class FastConnection(asyncio.Protocol):
     def _protocol_for(self, head: RequestHead, server: ServerConfig) -> str | None:
         """The protocol of a device post this path answers; None for the
         rest, which goes to aiohttp."""
-        if head.path in STATE_PATHS:
-            return None
+        if is_reserved(head.path):
+            return None  # the state routes, and the 404 or 405 of a post to one
         if head.content_length > min(INLINE_PARSE_BYTES, server.max_body_bytes):
             return None  # aiohttp streams it, refuses it, or parses it off-loop
         return protocol_of(self.server.live.current, head.path)
