@@ -84,7 +84,9 @@ REFUSED = {
     "nan-rate": ("[json]\nrate_limit_per_min = nan\n", ["json.rate_limit_per_min"]),
     "nan-jetstream-timeout": ("[jetstream]\npublish_timeout_secs = nan\n",
                               ["jetstream.publish_timeout_secs"]),
-    "nats-url-bad-scheme": ('[jetstream]\nservers = ["htp:/bad"]\n', ["jetstream.servers", "htp:/bad"]),
+    "nats-url-bad-scheme": (
+        '[jetstream]\nservers = ["htp:/bad"]\n', ["jetstream.servers", "htp:/bad"]
+    ),
     "nats-url-no-host": ('[jetstream]\nservers = ["nats://:4222"]\n', ["jetstream.servers"]),
     "nats-url-bad-port": ('[jetstream]\nservers = ["nats://host:99999"]\n', ["jetstream.servers"]),
     "nats-url-http": ('[jetstream]\nservers = ["http://host:4222"]\n', ["jetstream.servers"]),
