@@ -13,19 +13,26 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingestd import fleet
 from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
-from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
+from ingestd.config import (
+    RELOADABLE,
+    RESERVED_PATHS,
+    Config,
+    changed_settings,
+    is_reserved,
+    keep_restart_only,
+)
 from ingestd.devices import DeviceRegistry
 from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
 from ingestd.logs import Throttle, setup_logging
 from ingestd.metrics import Metrics
 from ingestd.pipeline import Pipeline
-from ingestd.records import Quarantined, Record
 from ingestd.protocols import jsonpost, wattmon
+from ingestd.records import Quarantined, Record
 from ingestd.sinks.file import FileSink
 from ingestd.sinks.housekeeping import Retention, sweep
 
@@ -120,14 +127,35 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app.cleanup_ctx.append(storage_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
     app.cleanup_ctx.append(fleet.scan_ctx)  # devices already on disk, in the background
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/api/devices", fleet.api_devices)
-    app.router.add_get("/", fleet.status_page)
-    app.router.add_get("/status", fleet.status_page)
-    # Device routes are matched by hand: a reload may change them.
-    app.router.add_route("*", "/{path:.*}", dispatch)
+    for path, handler in (
+        ("/healthz", healthz),
+        ("/metrics", metrics),
+        ("/api/devices", fleet.api_devices),
+        ("/", fleet.status_page),
+        ("/status", fleet.status_page),
+    ):
+        app.router.add_get(path, handler, expect_handler=expect_continue)
+    add_device_route(app)
     return app
+
+
+def add_device_route(app: web.Application) -> None:
+    """Every path the state routes do not take: matched by hand in
+    `dispatch`, since a reload may change them."""
+    app.router.add_route("*", "/{path:.*}", dispatch, expect_handler=expect_continue)
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's default `Expect` handling, with a fixed error body (its own
+    417 quotes the header back): `100 Continue`, or 417 for any other
+    expectation. aiohttp runs this before the middleware."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return error_response(417, "expectation failed")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's: the answer proper is yet to come
+    return None
 
 
 def reload_config(app: web.Application, new: Config) -> tuple[list[str], list[str]]:
@@ -225,8 +253,9 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
         executor.shutdown(wait=False, cancel_futures=True)
 
 
-# The state routes; every other path is a device route (see `protocol_of`).
-STATE_PATHS = ("/healthz", "/metrics", "/api/devices", "/", "/status")
+# The state routes (GET); every path not reserved is a device route (see
+# `protocol_of`).
+STATE_PATHS = RESERVED_PATHS
 
 
 def protocol_of(config: Config, path: str) -> str | None:
@@ -260,6 +289,10 @@ def check_access(
 async def dispatch(request: web.Request) -> web.Response:
     """Route a device request, after the checks that need no body."""
     live = request.app[CONFIG]
+    if is_reserved(request.path):  # never a stream: a POST to /status is a mistake
+        if request.path in STATE_PATHS:
+            raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_GET, hdrs.METH_HEAD])
+        raise web.HTTPNotFound()
     protocol = protocol_of(live.current, request.path)
     if protocol is None:
         raise web.HTTPNotFound()
@@ -279,8 +312,29 @@ async def dispatch(request: web.Request) -> web.Response:
     return await json_post(request, live, remote)
 
 
+# The answer to a request that is not valid HTTP/1.1, found in its head
+# (`fastpath.IngestRequestHandler`) or its body (chunks, Content-Encoding).
+MALFORMED_HTTP = "malformed HTTP request"
+
+
 async def read_body(request: web.Request, config: Config) -> bytes:
-    """The whole body; refuses more than max_body_bytes, or a body that trickles."""
+    """The whole body; refuses more than max_body_bytes, a body that trickles,
+    or one whose chunks or compression are broken."""
+    try:
+        return await _read_body(request, config)
+    except web.RequestPayloadError:
+        # Nothing more to read: else aiohttp, draining the rest of the body
+        # after the answer, meets the error again and logs it as a crash.
+        request.content.feed_eof()
+        raise MalformedBody(MALFORMED_HTTP) from None
+
+
+class MalformedBody(IngestError):
+    """Broken chunks or compression: what follows on the connection cannot be
+    told apart, so it closes after the answer."""
+
+
+async def _read_body(request: web.Request, config: Config) -> bytes:
     limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(f"request body over {limit} bytes")
@@ -486,6 +540,8 @@ async def _answer(request: web.Request, handler: web.Handler) -> web.StreamRespo
     except IngestError as exc:
         status, text, headers = refusal(request.app, exc, request.path, request.remote or "")
         response = web.Response(status=status, text=text, headers=headers)
+        if isinstance(exc, MalformedBody):
+            response.force_close()
         outcome = exc.code
     except web.HTTPException as exc:
         if exc.status < 400:

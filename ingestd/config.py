@@ -8,17 +8,21 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import ipaddress
+import math
 import os
 import re
+import ssl
 import tomllib
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ingestd.errors import BadDeviceKey
 from ingestd.protocols.wattmon import normalise_mac
+from ingestd.tls import server_context
 
 MiB = 1024 * 1024
 
@@ -174,12 +178,40 @@ class Config:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 as `[::1]:8080`) to a host and a port number."""
+    """`HOST:PORT` (IPv6 as `[::1]:8080`) to a host and a port number.
+
+    HOST is an IP address or a name of valid syntax (letters, digits and
+    `-` in dot-separated labels); a name is resolved only when binding, so a
+    name that does not resolve fails at start-up (`listen_failed`), not here.
+    Empty HOST: every IPv4 address.
+    """
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"server.listen: expected HOST:PORT, got {value!r}")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not _is_ip(host, version=6):
+            raise ConfigError(f"server.listen: {host!r} in [] is not an IPv6 address")
+    elif ":" in host:
+        raise ConfigError(f"server.listen: write an IPv6 address in [], e.g. [::1]:8080, "
+                          f"got {value!r}")
+    elif host and not _is_ip(host, version=4) and not _HOSTNAME.fullmatch(host):
+        raise ConfigError(
+            f"server.listen: {host!r} is neither an IP address nor a host name"
+        )
     return host or "0.0.0.0", int(port)
+
+
+# RFC 1123 labels; a name of digits and dots only must be an IPv4 address.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\.?$)(?![0-9.]+$){_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def _is_ip(text: str, *, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
@@ -255,8 +287,9 @@ def validate(config: Config) -> Config:
         "housekeeping_interval_secs",
     ):
         _positive(f"storage.{name}", getattr(st, name))
-    if st.retention_days < 0 or st.retention_max_bytes < 0:
-        raise ConfigError("storage.retention_*: must be 0 (off) or more")
+    for name in ("retention_days", "retention_max_bytes"):
+        if getattr(st, name) < 0:
+            raise ConfigError(f"storage.{name}: must be 0 (off) or more")
     for name in ("body_timeout_secs", "keepalive_timeout_secs", "max_header_bytes"):
         _positive(f"server.{name}", getattr(config.server, name))
     _networks("server.trusted_proxies", config.server.trusted_proxies)
@@ -277,25 +310,76 @@ def validate(config: Config) -> Config:
     _positive("wattmon.max_rows", config.wattmon.max_rows)
     _positive("wattmon.max_columns", config.wattmon.max_columns)
     _positive("json.max_depth", config.json.max_depth)
-    if bool(config.server.tls_cert) != bool(config.server.tls_key):
-        raise ConfigError("server.tls_cert and server.tls_key: set both or neither")
+    _tls(config.server)
     for path in config.wattmon.paths:
-        if not path.startswith("/") or path in RESERVED_PATHS:
+        if not path.startswith("/") or is_reserved(path):
             raise ConfigError(
-                f"wattmon.paths: {path!r} must start with / and not be one of {RESERVED_PATHS}"
+                f"wattmon.paths: {path!r} must start with / and not be one of "
+                f"{RESERVED_PATHS} nor under {RESERVED_PREFIX}"
             )
     sinks = (config.wattmon.sink, config.json.sink)
     _jetstream(config.jetstream, used=any(sink != "file" for sink in sinks))
     return config
 
 
+def _tls(server: ServerConfig) -> None:
+    """Both files set, readable, and a certificate with its key, as serve
+    will load them."""
+    if bool(server.tls_cert) != bool(server.tls_key):
+        raise ConfigError("server.tls_cert and server.tls_key: set both or neither")
+    if not server.tls_cert:
+        return
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(server, name)
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise ConfigError(f"server.{name}: cannot read {path}: {exc.strerror}") from None
+    try:
+        server_context(server.tls_cert, server.tls_key)
+    except (OSError, ssl.SSLError) as exc:  # not PEM, or a key of another certificate
+        raise ConfigError(
+            f"server.tls_cert, server.tls_key: cannot use {server.tls_cert} with "
+            f"{server.tls_key}: {getattr(exc, 'reason', None) or exc.strerror or exc}"
+        ) from None
+
+
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,255}")
 _SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
 
 
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def _nats_url(url: str) -> None:
+    """SCHEME://[USER:PASSWORD@]HOST[:PORT], as nats-py connects to it."""
+    problem = ""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        problem = "bad port or address"
+    else:
+        if parts.scheme not in NATS_SCHEMES or not url.startswith(f"{parts.scheme}://"):
+            problem = f"the scheme must be one of {', '.join(NATS_SCHEMES)}"
+        elif not parts.hostname:
+            problem = "no host"
+        elif any(c.isspace() for c in url):
+            problem = "white space"
+    if problem:
+        # The URL may hold a password: name it without its user part.
+        shown = url.rpartition("@")[2] if "@" in url else url
+        raise ConfigError(
+            f"jetstream.servers: {shown!r}: {problem} (expected e.g. nats://host:4222)"
+        )
+
+
 def _jetstream(js: JetStreamConfig, *, used: bool) -> None:
-    if not js.servers or any(not s or any(c.isspace() for c in s) for s in js.servers):
+    if not js.servers:
         raise ConfigError("jetstream.servers: expected one or more URLs, e.g. nats://host:4222")
+    for url in js.servers:
+        _nats_url(url)
     if not _STREAM_NAME.fullmatch(js.stream):
         raise ConfigError("jetstream.stream: 1-255 of A-Z a-z 0-9 _ -")
     if not all(_SUBJECT_TOKEN.fullmatch(t) for t in js.subject_prefix.split(".")):
@@ -323,7 +407,15 @@ def _jetstream(js: JetStreamConfig, *, used: bool) -> None:
             raise ConfigError("jetstream.creds_file: needs the nkeys package (nats-py[nkeys])")
 
 
+# The daemon's own paths, never a device's: a POST to one gets 405, and a
+# path under the prefix (room for more of the daemon's API) is never a stream.
 RESERVED_PATHS = ("/healthz", "/metrics", "/", "/status", "/api/devices")
+RESERVED_PREFIX = "/api/"
+
+
+def is_reserved(path: str) -> bool:
+    return path in RESERVED_PATHS or path.startswith(RESERVED_PREFIX)
+
 
 # Settings that SIGHUP applies; any other change waits for a restart.
 RELOADABLE = frozenset(
@@ -441,6 +533,8 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
     elif hint is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # TOML has nan and inf
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
     else:
         ok = isinstance(value, hint)
     if not ok:

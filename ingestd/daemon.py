@@ -51,18 +51,29 @@ class Daemon:
 
         config = self._config
         runner = make_runner(self._app, config.server)
-        try:
-            if config.server.tls_cert:
+        # Every start-up error names its setting and file: check-config has
+        # vetted them, but files can change in between.
+        if config.server.tls_cert:
+            try:
                 self._ssl = server_context(config.server.tls_cert, config.server.tls_key)
+            except (OSError, ssl.SSLError) as exc:
+                log.error(
+                    "startup_failed setting=server.tls_cert,server.tls_key cert=%s key=%s "
+                    "error=%s", ascii(config.server.tls_cert), ascii(config.server.tls_key),
+                    describe_error(exc),
+                )
+                return 1
+        try:
             await runner.setup()  # opens storage: replays the log after a crash
-        except (OSError, ssl.SSLError) as exc:
-            log.error("startup_failed error=%s", ascii(str(exc)))
+        except OSError as exc:
+            log.error("startup_failed setting=storage.data_dir data_dir=%s error=%s",
+                      ascii(str(config.data_dir)), describe_error(exc))
             return 1
         try:
             addresses = await self._start_sites(runner)
         except (OSError, WorkerError) as exc:
-            log.error("listen_failed address=%s error=%s", config.server.listen,
-                      getattr(exc, "strerror", None) or exc)
+            log.error("listen_failed address=%s setting=server.listen error=%s",
+                      config.server.listen, describe_error(exc))
             if self._workers is not None:
                 await self._workers.stop(5)
                 self._workers.cleanup()
@@ -214,6 +225,15 @@ async def drain(runner: web.AppRunner, app: web.Application, timeout: float) -> 
                 await in_flight.wait_idle()
         except TimeoutError:
             log.warning("drain_timeout requests=%d: cancelling them", in_flight.count)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An OSError as its reason and the file it is about, quoted and escaped."""
+    if isinstance(exc, OSError) and exc.strerror:
+        if exc.filename is not None:
+            return ascii(f"{exc.strerror}: {exc.filename}")
+        return ascii(exc.strerror)
+    return ascii(str(exc))
 
 
 def _address(address: object) -> str:

@@ -9,9 +9,10 @@ steps as aiohttp's handlers (`ingestd.app`: routing, access checks, parse,
 admit, the pipeline, refusals), with no task and no Request object.
 
 Anything else -- a GET, a chunked or large body, `Expect`, an odd header, a
-Unix socket -- hands the connection, with the bytes of that request, to
-aiohttp's own protocol for good. Everything aiohttp answers stays answered
-by aiohttp.
+Unix socket, bytes that cannot be a head of that shape -- hands the
+connection, with the bytes of that request, to aiohttp's own protocol for
+good. Everything aiohttp answers stays answered by aiohttp; a request its
+parser refuses gets a fixed `ERROR: ...` body (`IngestRequestHandler`).
 """
 
 from __future__ import annotations
@@ -26,29 +27,31 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from ingestd.app import (
     CLOCK,
     CONFIG,
     IN_FLIGHT,
     INLINE_PARSE_BYTES,
+    LOG_THROTTLE,
+    MALFORMED_HTTP,
     METRICS,
     OK_BODY,
     PIPELINE,
-    STATE_PATHS,
     admit_json,
     admit_stream,
     admit_wattmon,
     check_access,
+    error_response,
     parse_json,
     parse_wattmon,
     protocol_of,
     refusal,
 )
-from ingestd.config import ServerConfig
+from ingestd.config import ServerConfig, is_reserved
 from ingestd.errors import IngestError, RequestTimeout
 from ingestd.http1 import HEAD_END, RequestHead, parse_head
+from ingestd.logs import Throttle
 from ingestd.protocols import wattmon
 from ingestd.records import Outcome
 
@@ -73,6 +76,7 @@ class FastServer:
         self.clock = app[CLOCK]
         self.requests = app[METRICS].requests
         self.pipeline = app[PIPELINE]
+        self.throttle = app[LOG_THROTTLE]
         self.fast: set[FastConnection] = set()
         self.closing = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -84,6 +88,19 @@ class FastServer:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.aiohttp, name)  # requests_count, request_handler, ...
+
+    def aiohttp_handler(self) -> IngestRequestHandler:
+        """What aiohttp's Server() makes for a connection, with our error page.
+
+        Relies on aiohttp's private `Server._kwargs`: the runner's handler
+        settings (header limits, keep-alive, access log), which Server() would
+        pass the same way.
+        """
+        handler = IngestRequestHandler(
+            self.aiohttp, loop=asyncio.get_running_loop(), **self.aiohttp._kwargs
+        )
+        handler.throttle = self.throttle
+        return handler
 
     @property
     def connections(self) -> list[Any]:
@@ -236,8 +253,12 @@ class FastConnection(asyncio.Protocol):
             if head is None:
                 end = data.find(HEAD_END, pos)
                 if end < 0 or end - pos > server.max_header_bytes:
-                    if end >= 0 or size - pos > server.max_header_bytes:
-                        self._hand_over(data[pos:])  # aiohttp knows the limits' answers
+                    if (end >= 0 or size - pos > server.max_header_bytes
+                            or not could_be_fast_head(data, pos)):
+                        # aiohttp knows the limits' answers, and answers bytes
+                        # that are no such head at once, where waiting for a
+                        # blank line could take until the keep-alive timeout.
+                        self._hand_over(data[pos:])
                     else:
                         self._buffer = data[pos:]
                     return
@@ -267,8 +288,8 @@ class FastConnection(asyncio.Protocol):
     def _protocol_for(self, head: RequestHead, server: ServerConfig) -> str | None:
         """The protocol of a device post this path answers; None for the
         rest, which goes to aiohttp."""
-        if head.path in STATE_PATHS:
-            return None
+        if is_reserved(head.path):
+            return None  # the state routes, and the 404 or 405 of a post to one
         if head.content_length > min(INLINE_PARSE_BYTES, server.max_body_bytes):
             return None  # aiohttp streams it, refuses it, or parses it off-loop
         return protocol_of(self.server.live.current, head.path)
@@ -295,7 +316,7 @@ class FastConnection(asyncio.Protocol):
         """From here on aiohttp serves this connection, from `data` on."""
         assert self.transport is not None
         self.server.fast.discard(self)
-        handler: RequestHandler = self.server.aiohttp()
+        handler = self.server.aiohttp_handler()
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
         if self._paused:
@@ -393,6 +414,59 @@ class FastConnection(asyncio.Protocol):
         self._next()
 
 
+_FAST_START = b"POST /"
+
+
+def could_be_fast_head(data: bytes, pos: int) -> bool:
+    """Can the incomplete head at `data[pos:]` still become one the fast path
+    reads? Not if it starts otherwise than `POST /`, or holds a CR or LF
+    outside a CRLF (aiohttp refuses bare line ends; a trailing CR may yet
+    get its LF)."""
+    start = data[pos : pos + len(_FAST_START)]
+    if not _FAST_START.startswith(start):
+        return False
+    crlf = data.count(b"\r\n", pos)
+    lone_cr = data.count(b"\r", pos) - crlf - data.endswith(b"\r")
+    return lone_cr == 0 and data.count(b"\n", pos) == crlf
+
+
+class IngestRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, whose error page is a fixed `ERROR: ...`.
+
+    aiohttp answers a request its parser refuses (and a handler that raised
+    something the middleware does not map) through `handle_error`, before any
+    middleware; its own page quotes the offending bytes back to the client
+    and logs them in a traceback.
+    """
+
+    __slots__ = ("throttle",)
+    throttle: Throttle  # refusals are logged at most 10 a second
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp's: too late for an answer
+            raise ConnectionError("response already started; cannot send the error")
+        remote = ascii(request.remote or "")
+        if status >= 500:
+            log.error("internal_error status=%d remote=%s", status, remote, exc_info=exc)
+            text = "internal error"
+        else:
+            allowed, held_back = self.throttle.allow("bad_request")
+            if allowed:
+                # aiohttp's message quotes the request: escaped, cut short.
+                log.info("rejected status=%d code=bad_request remote=%s held_back=%d error=%s",
+                         status, remote, held_back, ascii((message or str(exc))[:200]))
+            text = MALFORMED_HTTP if status == 400 else HTTPStatus(status).phrase.lower()
+        response = error_response(status, text)
+        response.force_close()
+        return response
+
+
 _date: tuple[int, bytes] = (0, b"")
 
 
@@ -449,15 +523,16 @@ class IngestRunner(web.AppRunner):
         return FastServer(server, self._app)  # type: ignore[return-value]
 
 
-def make_runner(app: web.Application, server: ServerConfig) -> IngestRunner:
-    return IngestRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
+def make_runner(app: web.Application, server: ServerConfig, **extra: Any) -> IngestRunner:
+    """The daemon's runner; `extra` runner settings are the test server's."""
+    settings: dict[str, Any] = {
+        "handle_signals": False,
+        "access_log": None,
         # drain() has waited for the handlers already (within
         # server.shutdown_timeout_secs): aiohttp only closes what is left.
-        shutdown_timeout=2.0,
-        keepalive_timeout=server.keepalive_timeout_secs,
-        max_line_size=server.max_header_bytes,
-        max_field_size=server.max_header_bytes,
-    )
+        "shutdown_timeout": 2.0,
+        "keepalive_timeout": server.keepalive_timeout_secs,
+        "max_line_size": server.max_header_bytes,
+        "max_field_size": server.max_header_bytes,
+    }
+    return IngestRunner(app, **(settings | extra))

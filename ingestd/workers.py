@@ -46,8 +46,9 @@ from ingestd.app import (
     STATE_PATHS,
     InFlight,
     LiveConfig,
-    dispatch,
+    add_device_route,
     error_middleware,
+    expect_continue,
 )
 from ingestd.config import Config, ConfigError
 from ingestd.errors import IngestError, StorageFailed
@@ -302,8 +303,8 @@ def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> we
     app.cleanup_ctx.append(pipeline_ctx)
     app.cleanup_ctx.append(proxy_ctx)
     for path in STATE_PATHS:  # the main process answers them: state lives there
-        app.router.add_get(path, proxy_to_main)
-    app.router.add_route("*", "/{path:.*}", dispatch)
+        app.router.add_get(path, proxy_to_main, expect_handler=expect_continue)
+    add_device_route(app)
     return app
 
 

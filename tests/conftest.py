@@ -13,9 +13,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from blockbuster import BlockBuster, blockbuster_ctx
 
-from ingestd.app import make_app
+from ingestd.app import CONFIG, make_app
 from ingestd.config import Config, StorageConfig, validate
-from ingestd.fastpath import IngestRunner
+from ingestd.fastpath import IngestRunner, make_runner
 
 
 @pytest.fixture(autouse=True)
@@ -58,11 +58,12 @@ def make_config(
 
 
 class FastTestServer(TestServer):
-    """aiohttp's test server with the daemon's runner: device posts take the
-    fast path (ingestd.fastpath), everything else aiohttp's, as in production."""
+    """aiohttp's test server with the daemon's runner, built from the app's
+    server settings: device posts take the fast path (ingestd.fastpath),
+    everything else aiohttp's, as in production."""
 
     async def _make_runner(self, **kwargs: Any) -> IngestRunner:
-        return IngestRunner(self.app, **kwargs)
+        return make_runner(self.app, self.app[CONFIG].current.server, **kwargs)
 
 
 @pytest.fixture
