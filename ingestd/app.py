@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 from aiohttp import hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingestd import fleet
+from ingestd import device_view, fleet
 from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
 from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
 from ingestd.devices import DeviceRegistry
@@ -125,6 +125,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app.router.add_get("/api/devices", fleet.api_devices)
     app.router.add_get("/", fleet.status_page)
     app.router.add_get("/status", fleet.status_page)
+    device_view.setup(app)
     # Device routes are matched by hand: a reload may change them.
     app.router.add_route("*", "/{path:.*}", dispatch)
     return app
@@ -231,6 +232,8 @@ STATE_PATHS = ("/healthz", "/metrics", "/api/devices", "/", "/status")
 
 def protocol_of(config: Config, path: str) -> str | None:
     """Which protocol a device path is for, or None (404)."""
+    if path.startswith(device_view.PREFIXES):
+        return None
     if path in config.wattmon.paths:
         return wattmon.PROTOCOL
     if config.json.enabled:

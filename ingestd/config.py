@@ -126,6 +126,11 @@ class StatusConfig(Access):
     """The fleet view: GET /api/devices and the page at / (and /status)."""
 
     enabled: bool = True
+    # No data for this long: silent (ingestd_devices_silent{protocol}).
+    silent_after_secs: float = 900.0
+    # ingestd_device_last_seen_timestamp_seconds for at most this many
+    # devices (0: off): a series per device would swamp Prometheus.
+    last_seen_metric_devices: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +266,9 @@ def validate(config: Config) -> Config:
         _positive(f"server.{name}", getattr(config.server, name))
     _networks("server.trusted_proxies", config.server.trusted_proxies)
     _networks("status.allowed_networks", config.status.allowed_networks)
+    _positive("status.silent_after_secs", config.status.silent_after_secs)
+    if config.status.last_seen_metric_devices < 0:
+        raise ConfigError("status.last_seen_metric_devices: must be 0 (off) or more")
     if config.server.workers < 0:
         raise ConfigError("server.workers: must be 0 (one per core) or more")
     for section_name in ("wattmon", "json"):
@@ -348,6 +356,8 @@ RELOADABLE = frozenset(
         "status.token",
         "status.token_file",
         "status.allowed_networks",
+        "status.silent_after_secs",
+        "status.last_seen_metric_devices",
         "json.max_depth",
         "server.tls_cert",
         "server.tls_key",
