@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Iterator
+import operator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
+from itertools import islice
 from typing import Any
 
 import orjson
@@ -32,13 +33,13 @@ class Series:
     values: list[float] = field(default_factory=list)
 
 
-def _numbers(column: list[str]) -> list[float | None] | None:
+def _numbers(column: Sequence[str]) -> list[float | None] | None:
     """The column as numbers (None where a cell is not one), or None when
     fewer than half of its non-empty cells are numbers."""
     try:
-        numbers = list(map(float, column))  # the usual all-numeric column, in C
+        numbers: list[float] = list(map(float, column))  # the usual column, in C
         if all(map(math.isfinite, numbers)):
-            return list(numbers)
+            return numbers  # type: ignore[return-value]  # no None in it
     except ValueError:
         pass
     found: list[float | None] = []
@@ -90,6 +91,10 @@ def collect(protocol: str, items: Iterable[StoredRecord]) -> tuple[dict[str, Ser
             if len(series) >= MAX_SERIES:
                 return
             target = series[name] = Series()
+        if None not in values:  # every cell a number: in C
+            target.times.extend(times)
+            target.values.extend(values)  # type: ignore[arg-type]  # no None in it
+            return
         for ts, value in zip(times, values, strict=True):
             if value is not None:
                 target.times.append(ts)
@@ -101,10 +106,13 @@ def collect(protocol: str, items: Iterable[StoredRecord]) -> tuple[dict[str, Ser
             names = cells(header)
             rows = list(csv.reader(line.decode("utf-8", "replace") for line in lines))
             width = len(names)
+            if all(len(row) == width for row in rows):
+                columns: list[Sequence[str]] = list(zip(*rows, strict=True))
+            else:
+                columns = [[row[i] if i < len(row) else "" for row in rows] for i in range(width)]
             # Column 0 is the time the rows are plotted at.
             for index in range(1, width):
-                column = [row[index] if index < len(row) else "" for row in rows]
-                numbers = _numbers(column)
+                numbers = _numbers(columns[index])
                 if numbers is not None:
                     add(names[index], times, numbers)
     else:
@@ -140,7 +148,7 @@ def downsampled(
     charted = {}
     for name, one in series.items():
         times, values = one.times, one.values
-        if any(b < a for a, b in pairwise(times)):  # a backlog sent late
+        if not all(map(operator.le, times, islice(times, 1, None))):  # a backlog sent late
             order = sorted(range(len(times)), key=times.__getitem__)
             times = [times[i] for i in order]
             values = [values[i] for i in order]
