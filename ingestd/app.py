@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar
 from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingestd import fleet
+from ingestd import device_view, fleet
 from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
 from ingestd.config import (
     RELOADABLE,
@@ -135,6 +135,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
         ("/status", fleet.status_page),
     ):
         app.router.add_get(path, handler, expect_handler=expect_continue)
+    device_view.setup(app)
     add_device_route(app)
     return app
 

@@ -14,6 +14,8 @@ from ingestd.daemon import Daemon
 from ingestd.export import add_arguments as add_export_arguments
 from ingestd.export import command as run_export
 from ingestd.logs import setup_logging
+from ingestd.quarantine import add_arguments as add_quarantine_arguments
+from ingestd.quarantine import command as run_quarantine
 from ingestd.simulate import add_arguments as add_simulate_arguments
 from ingestd.simulate import run as run_simulation
 
@@ -44,7 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         "under --out, as the file sink would.",
     )
     add_export_arguments(export)
+    quarantined = commands.add_parser(
+        "quarantine",
+        help="list quarantined Wattmon blocks, or post one again once fixed",
+    )
+    add_quarantine_arguments(quarantined)
     args = parser.parse_args(argv)
+
+    if args.command == "quarantine":
+        return run_quarantine(args)
 
     if args.command == "export":
         return run_export(args)

@@ -130,6 +130,11 @@ class StatusConfig(Access):
     """The fleet view: GET /api/devices and the page at / (and /status)."""
 
     enabled: bool = True
+    # No data for this long: silent (ingestd_devices_silent{protocol}).
+    silent_after_secs: float = 900.0
+    # ingestd_device_last_seen_timestamp_seconds for at most this many
+    # devices (0: off): a series per device would swamp Prometheus.
+    last_seen_metric_devices: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +299,9 @@ def validate(config: Config) -> Config:
         _positive(f"server.{name}", getattr(config.server, name))
     _networks("server.trusted_proxies", config.server.trusted_proxies)
     _networks("status.allowed_networks", config.status.allowed_networks)
+    _positive("status.silent_after_secs", config.status.silent_after_secs)
+    if config.status.last_seen_metric_devices < 0:
+        raise ConfigError("status.last_seen_metric_devices: must be 0 (off) or more")
     if config.server.workers < 0:
         raise ConfigError("server.workers: must be 0 (one per core) or more")
     for section_name in ("wattmon", "json"):
@@ -315,7 +323,7 @@ def validate(config: Config) -> Config:
         if not path.startswith("/") or is_reserved(path):
             raise ConfigError(
                 f"wattmon.paths: {path!r} must start with / and not be one of "
-                f"{RESERVED_PATHS} nor under {RESERVED_PREFIX}"
+                f"{RESERVED_PATHS} nor under {' or '.join(RESERVED_PREFIXES)}"
             )
     sinks = (config.wattmon.sink, config.json.sink)
     _jetstream(config.jetstream, used=any(sink != "file" for sink in sinks))
@@ -410,11 +418,12 @@ def _jetstream(js: JetStreamConfig, *, used: bool) -> None:
 # The daemon's own paths, never a device's: a POST to one gets 405, and a
 # path under the prefix (room for more of the daemon's API) is never a stream.
 RESERVED_PATHS = ("/healthz", "/metrics", "/", "/status", "/api/devices")
-RESERVED_PREFIX = "/api/"
+# The daemon's own API, and one device's page (ingestd.device_view).
+RESERVED_PREFIXES = ("/api/", "/devices/")
 
 
 def is_reserved(path: str) -> bool:
-    return path in RESERVED_PATHS or path.startswith(RESERVED_PREFIX)
+    return path in RESERVED_PATHS or path.startswith(RESERVED_PREFIXES)
 
 
 # Settings that SIGHUP applies; any other change waits for a restart.
@@ -440,6 +449,8 @@ RELOADABLE = frozenset(
         "status.token",
         "status.token_file",
         "status.allowed_networks",
+        "status.silent_after_secs",
+        "status.last_seen_metric_devices",
         "json.max_depth",
         "server.tls_cert",
         "server.tls_key",

@@ -256,10 +256,10 @@ def _csp_hashes(html: str, tag: str) -> str:
     )
 
 
-def load_page() -> Page:
+def load_page(name: str = "status.html") -> Page:
     """The page and its headers; its inline script and style are allowed by
     hash, nothing else (no other origin, no inline handlers)."""
-    html = resources.files("ingestd").joinpath("static/status.html").read_text("utf-8")
+    html = resources.files("ingestd").joinpath(f"static/{name}").read_text("utf-8")
     csp = (
         "default-src 'none'; "
         f"script-src {_csp_hashes(html, 'script')}; "

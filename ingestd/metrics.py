@@ -8,6 +8,7 @@ use histograms.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingestd.devices import DeviceRegistry
+from ingestd.devices import PROTOCOL_DIRS, DeviceRegistry
 from ingestd.logs import DroppingQueueHandler
 from ingestd.pipeline import Pipeline
 
@@ -66,6 +67,16 @@ class Metrics:
         if jetstream is not None:
             self.registry.register(_JetStreamCollector(jetstream))
 
+    def watch_fleet(
+        self,
+        devices: DeviceRegistry,
+        clock: Callable[[], float],
+        settings: Callable[[], tuple[float, int]],
+    ) -> None:
+        """Silent and known devices; `settings` gives (silent after secs,
+        devices with a last-seen series at most) at each scrape."""
+        self.registry.register(_FleetCollector(devices, clock, settings))
+
 
 class _StateCollector(Collector):
     def __init__(
@@ -108,6 +119,52 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("ingestd_log_lines_dropped",
                                   "Log lines dropped because stderr could not keep up",
                                   value=DroppingQueueHandler.dropped)
+
+
+class _FleetCollector(Collector):
+    """Gauges to alert on silent devices, counted at scrape time."""
+
+    def __init__(
+        self,
+        devices: DeviceRegistry,
+        clock: Callable[[], float],
+        settings: Callable[[], tuple[float, int]],
+    ) -> None:
+        self._devices = devices
+        self._clock = clock
+        self._settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        silent_after, last_seen_max = self._settings()
+        known: Counter[str] = Counter()
+        silent: Counter[str] = Counter()
+        for (protocol, _), stats in self._devices:
+            known[protocol] += 1
+            if now - stats.last_seen >= silent_after:
+                silent[protocol] += 1
+        for name, doc, counts in (
+            ("ingestd_devices_known", "Devices and streams known (heard from, or on disk)", known),
+            ("ingestd_devices_silent",
+             "Known devices with no data for [status] silent_after_secs", silent),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["protocol"])
+            for protocol in PROTOCOL_DIRS:
+                gauge.add_metric([protocol], counts[protocol])
+            yield gauge
+        if last_seen_max > 0:
+            # The first devices by id, so the set of series stays the same
+            # from one scrape to the next.
+            first = heapq.nsmallest(last_seen_max, self._devices, key=lambda item: item[0])
+            gauge = GaugeMetricFamily(
+                "ingestd_device_last_seen_timestamp_seconds",
+                "When a device was last heard from (Unix seconds); "
+                "[status] last_seen_metric_devices devices at most",
+                labels=["protocol", "device"],
+            )
+            for (protocol, device_id), stats in first:
+                gauge.add_metric([protocol, device_id], stats.last_seen)
+            yield gauge
 
 
 class _JetStreamCollector(Collector):

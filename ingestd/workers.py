@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 from aiohttp import hdrs, web
 
+from ingestd import device_view
 from ingestd.app import (
     CLIENT_HEADER,
     CLOCK,
@@ -304,6 +305,8 @@ def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> we
     app.cleanup_ctx.append(proxy_ctx)
     for path in STATE_PATHS:  # the main process answers them: state lives there
         app.router.add_get(path, proxy_to_main, expect_handler=expect_continue)
+    for prefix in device_view.PREFIXES:  # one device's view, also the main process's
+        app.router.add_get(prefix + "{rest:.*}", proxy_to_main, expect_handler=expect_continue)
     add_device_route(app)
     return app
 
@@ -350,6 +353,7 @@ PASSED_HEADERS = frozenset(
         "www-authenticate",
         "allow",
         "cache-control",
+        "content-disposition",
         "content-security-policy",
         "referrer-policy",
         "x-content-type-options",

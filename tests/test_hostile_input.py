@@ -419,3 +419,43 @@ async def test_max_size_hostile_body_does_not_stall_the_event_loop(client, path,
     assert resp.status == 400
     # Generous: the machine is shared; before the fix the stall was 1-2 s.
     assert lag < 0.5, f"event loop stalled {lag:.2f} s"
+
+
+# -- the device view: ids that are not a device, or name a path outside ------------------
+
+HOSTILE_DEVICE_PATHS = [
+    "/api/devices/../../etc/passwd",
+    "/api/devices/..%2f..%2fetc%2fpasswd",
+    "/api/devices/%2e%2e",
+    "/api/devices/%2e%2e/data",
+    "/api/devices/.ingestd-wal",
+    "/api/devices/..%5c..%5cwindows",
+    "/api/devices/%00",
+    "/api/devices/a%00b/data",
+    "/api/devices/" + "a" * 129,
+    "/api/devices/00:11:22:33:44:55:66",
+    "/api/devices/001122334455/data/../../../etc/passwd",
+    f"/api/devices/{MAC}/files/..%2f..%2f.ingestd-wal",
+    f"/api/devices/{MAC}/files/.ingestd-keys",
+    f"/api/devices/{MAC}/files/%2fetc%2fpasswd",
+    "/api/devices/quarantine",
+    "/devices/..%2f..%2f..%2fetc%2fpasswd",
+    "/devices/%2e%2e%2f",
+    "/devices/%c0%ae%c0%ae",
+    "/api/devices/json?protocol=../../etc",
+]
+
+
+@pytest.mark.parametrize("path", HOSTILE_DEVICE_PATHS)
+async def test_hostile_device_id_is_400_or_404_and_reads_nothing_outside(client, tmp_path, path):
+    resp = await client.post("/wattmon", data=GOOD_FORM, headers=FORM)
+    assert await resp.text() == "OK"  # a device with files, for the /files/ cases
+    outside_before = await asyncio.to_thread(outside_files, tmp_path)
+    data_before = await asyncio.to_thread(data_files, tmp_path)
+    request = f"GET {path} HTTP/1.1\r\nHost: collector\r\nConnection: close\r\n\r\n"
+    received, _ = await exchange(client.server.port, request.encode())
+    assert statuses(received) in ([400], [404]), received[:300]
+    assert received.split(b"\r\n\r\n", 1)[1].startswith(b"ERROR")
+    assert b"root:" not in received
+    assert await asyncio.to_thread(data_files, tmp_path) == data_before
+    assert await asyncio.to_thread(outside_files, tmp_path) == outside_before
