@@ -94,7 +94,7 @@ class DeviceFiles:
         names = [parse_file_name(n) for n in os.listdir(folder)]
         ours = [n for n in names if n is not None and n.ext == ext]
         if ours:
-            newest = max(ours, key=lambda n: (n.period, n.seq))
+            newest = max(ours, key=lambda n: n.sort_key)
             path = folder / newest.name
             size = path.stat().st_size
             header = b""
@@ -173,7 +173,7 @@ class DeviceFiles:
         # policy (when this says "maybe", next_file has the last word).
         if (
             name is None
-            or period > name.period
+            or period != name.period
             or header != self._header
             or (size > len(self._header) and size + len(data) > self.settings.max_file_bytes)
         ):
