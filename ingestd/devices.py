@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ingestd.errors import IngestError
 from ingestd.records import Outcome, Quarantined, Record
+from ingestd.sinks.device import FIRST_SEEN_NAME, read_first_seen
 from ingestd.sinks.rotation import FileName, parse_file_name
 
 HOURS = 24  # hourly buckets of records kept per device
@@ -103,7 +104,7 @@ class DeviceStats:
 
 @dataclass(frozen=True, slots=True)
 class ScannedDevice:
-    """What the data directory tells of a device, without reading a file."""
+    """What the data directory tells of a device, without reading a data file."""
 
     protocol: str
     device_id: str
@@ -209,9 +210,10 @@ class DeviceRegistry:
 def scan_data_dir(data_dir: Path, stop: threading.Event | None = None) -> list[ScannedDevice]:
     """Every device and stream with a folder under `data_dir` (blocking).
 
-    One directory listing per device folder and one stat (the newest file's
-    mtime); no file is opened. Names that are not device ids or data files are
-    skipped. `stop` set ends the scan early with what it found so far.
+    One directory listing per device folder, one stat (the newest file's
+    mtime) and one small read (the device's first-seen time); no data file
+    is opened. Names that are not device ids or data files are skipped.
+    `stop` set ends the scan early with what it found so far.
     """
     found: list[ScannedDevice] = []
     quarantine = os.path.join(data_dir, "quarantine", "wattmon")
@@ -279,7 +281,11 @@ def _scan_device(
         last_seen = os.stat(os.path.join(folder, newest)).st_mtime
     except OSError:
         return None
-    first_seen = _period_start(oldest.period)
+    # Written with the device's first file; folders from before it existed
+    # get the start of their oldest file's period.
+    first_seen = read_first_seen(folder) if FIRST_SEEN_NAME in names else None
+    if first_seen is None:
+        first_seen = _period_start(oldest.period)
     first_seen = last_seen if first_seen is None else min(first_seen, last_seen)
     return first_seen, last_seen, None if current is None else f"{protocol}/{device_id}/{current}"
 

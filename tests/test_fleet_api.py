@@ -274,6 +274,27 @@ async def test_startup_scan_lists_devices_seen_only_on_disk(start_client, tmp_pa
     assert a["current_file"] == f"wattmon/{MAC_A}/2026-11-21.csv"
 
 
+
+@pytest.mark.parametrize("gzipped", [False, True])
+async def test_first_seen_survives_a_restart(start_client, tmp_path, clock, gzipped):
+    """The time of the first stored block, not the start of its file's day."""
+    clock.now = T0 + 3 * 3600 + 0.25  # 2026-11-21T11:00:00.250Z
+    first = await start_client()
+    assert (await (await post_block(first, MAC_A)).text()) == "OK"
+    resp = await first.post("/site-c", data=b'{"rx": 1}', headers=JSON)
+    assert resp.status == 200
+    clock.now += 86400  # a second day, a second file
+    assert (await (await post_block(first, MAC_A, BLOCK.replace("230", "231"))).text()) == "OK"
+    await first.close()
+    if gzipped:  # housekeeping compressed the oldest file meanwhile
+        for old in (tmp_path / "data").glob("*/*/2026-11-21.*"):
+            old.with_name(old.name + ".gz").write_bytes(gzip.compress(old.read_bytes()))
+            old.unlink()
+    second = await start_client()
+    devices = by_id(await wait_for_scan(second))
+    assert devices[MAC_A]["first_seen"] == "2026-11-21T11:00:00.250Z"
+    assert devices["site-c"]["first_seen"] == "2026-11-21T11:00:00.250Z"
+
 def test_live_state_wins_over_the_scan():
     registry = DeviceRegistry()
     registry.on_result(Record("wattmon", MAC_A, T0, b"1\n", count=1), Outcome.QUARANTINED)
