@@ -14,6 +14,7 @@ import re
 from ingestd.errors import (
     BadDeviceKey,
     BlockTooLarge,
+    Forbidden,
     IngestError,
     MalformedBlock,
     Md5Mismatch,
@@ -43,13 +44,21 @@ def parse(
     require_md5: bool,
     max_rows: int = 100_000,
     max_columns: int = 1_000,
+    allowed_macs: frozenset[str] | None = None,
 ) -> Record | Quarantined | None:
-    """One POST to a block to store, a block to quarantine, or None (no data)."""
+    """One POST to a block to store, a block to quarantine, or None (no data).
+
+    A MAC not in `allowed_macs` (normalised; None allows all) is refused
+    before anything else of the post is looked at: a post without rows, which
+    a known device gets OK for, or a bad MD5 tells an unknown device nothing.
+    """
     fields = parse_form(body, content_type, FIELDS)
     if "key" not in fields:
         raise BadDeviceKey("key missing")
     mac = normalise_mac(fields["key"].strip())
     try:
+        if allowed_macs is not None and mac not in allowed_macs:
+            raise Forbidden("device not allowed")
         return _block(mac, fields, received_at, require_md5, max_rows, max_columns)
     except IngestError as exc:
         exc.device = mac  # so the log line names the device
