@@ -261,7 +261,8 @@ STATE_PATHS = RESERVED_PATHS
 
 def protocol_of(config: Config, path: str) -> str | None:
     """Which protocol a device path is for, or None (404)."""
-    if path in config.wattmon.paths:
+    # `/wattmon/` too: a device URL typed with a slash must not become a stream.
+    if path in config.wattmon.paths or (path[-1:] == "/" and path[:-1] in config.wattmon.paths):
         return wattmon.PROTOCOL
     if config.json.enabled:
         return jsonpost.PROTOCOL
@@ -380,8 +381,9 @@ async def off_loop_if_large(size: int, parse: Callable[[], T]) -> T:
 Parsed = Record | Quarantined | None | IngestError
 
 
-def parse_wattmon(config: Config, body: bytes, content_type: str, now: float) -> Parsed:
+def parse_wattmon(live: LiveConfig, body: bytes, content_type: str, now: float) -> Parsed:
     """The block, None (no data), or the refusal, returned rather than raised."""
+    config = live.current
     try:
         return wattmon.parse(
             body,
@@ -390,6 +392,7 @@ def parse_wattmon(config: Config, body: bytes, content_type: str, now: float) ->
             require_md5=config.wattmon.require_md5,
             max_rows=config.wattmon.max_rows,
             max_columns=config.wattmon.max_columns,
+            allowed_macs=live.allowed_macs,
         )
     except IngestError as exc:
         return exc
@@ -398,7 +401,8 @@ def parse_wattmon(config: Config, body: bytes, content_type: str, now: float) ->
 def admit_wattmon(
     app: web.Application, live: LiveConfig, parsed: Parsed, now: float
 ) -> Record | Quarantined | None:
-    """Raise the parse's refusal, or the device's (not allowed, rate limited)."""
+    """Raise the parse's refusal (a device not allowed among them), or the
+    device's rate limit."""
     if isinstance(parsed, IngestError):
         # A known device's refused block (bad MD5, too large) is its last
         # error in the fleet view; a device not allowed stays unknown.
@@ -408,8 +412,6 @@ def admit_wattmon(
         raise parsed
     if parsed is None:
         return None
-    if live.allowed_macs is not None and parsed.device_id not in live.allowed_macs:
-        raise Forbidden("device not allowed")
     live.limiters[wattmon.PROTOCOL].check(parsed.device_id, now)
     return parsed
 
@@ -455,7 +457,7 @@ async def wattmon_post(request: web.Request, live: LiveConfig) -> web.Response:
     body = await read_body(request, config)
     now = app[CLOCK]()
     content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
-    parse = functools.partial(parse_wattmon, config, body, content_type, now)
+    parse = functools.partial(parse_wattmon, live, body, content_type, now)
     item = admit_wattmon(app, live, await off_loop_if_large(len(body), parse), now)
     if item is None:
         request[OUTCOME_OF] = "empty"

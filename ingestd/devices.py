@@ -22,10 +22,11 @@ from pathlib import Path
 
 from ingestd.errors import IngestError
 from ingestd.records import Outcome, Quarantined, Record
+from ingestd.sinks.device import FIRST_SEEN_NAME, read_first_seen
 from ingestd.sinks.rotation import FileName, parse_file_name
 
-HOURS = 24  # hourly buckets of records kept per device
-WINDOW_SECS = 60  # records per minute: the last 60 one-second buckets, fleet-wide
+HOURS = 24  # hourly buckets of rows kept per device
+WINDOW_SECS = 60  # rows per minute: the last 60 one-second buckets, fleet-wide
 _MAX_COUNT = 0xFFFFFFFF  # array('I') holds 32 bits
 
 PROTOCOL_DIRS = {"wattmon": "csv", "json": "jsonl"}
@@ -48,14 +49,16 @@ class DeviceStats:
         "last_error_at",
         "last_seen",
         "quarantined",
-        "records",
+        "rows",
     )
 
     def __init__(self, now: float) -> None:
         self.first_seen = now
         self.last_seen = now
         self.blocks = 0
-        self.records = 0
+        # A block or document stored counts once in `blocks`; its rows (CSV
+        # rows, or 1 for a document: the lines of its file) in `rows`.
+        self.rows = 0
         self.bytes = 0
         self.duplicates = 0
         self.quarantined = 0
@@ -69,8 +72,8 @@ class DeviceStats:
         self.hourly: array[int] | None = None
         self.hour = 0
 
-    def count(self, ts: float, records: int) -> None:
-        """Add `records` stored at `ts` to its hourly bucket."""
+    def count(self, ts: float, rows: int) -> None:
+        """Add `rows` stored at `ts` to its hourly bucket."""
         hour = int(ts // 3600)
         buckets = self.hourly
         if buckets is None:
@@ -84,10 +87,10 @@ class DeviceStats:
         elif hour <= self.hour - HOURS:
             return  # older than the window (a clock step back)
         i = hour % HOURS
-        buckets[i] = min(buckets[i] + records, _MAX_COUNT)
+        buckets[i] = min(buckets[i] + rows, _MAX_COUNT)
 
-    def hourly_records(self, now: float) -> list[int]:
-        """Records per hour for the 24 hours up to `now`'s, oldest first."""
+    def hourly_rows(self, now: float) -> list[int]:
+        """Rows per hour for the 24 hours up to `now`'s, oldest first."""
         buckets = self.hourly
         age = int(now // 3600) - self.hour  # hours since the newest bucket's
         if buckets is None or not -HOURS < age < HOURS:
@@ -103,7 +106,7 @@ class DeviceStats:
 
 @dataclass(frozen=True, slots=True)
 class ScannedDevice:
-    """What the data directory tells of a device, without reading a file."""
+    """What the data directory tells of a device, without reading a data file."""
 
     protocol: str
     device_id: str
@@ -116,7 +119,7 @@ class ScannedDevice:
 class DeviceRegistry:
     def __init__(self) -> None:
         self._devices: dict[tuple[str, str], DeviceStats] = {}
-        # Fleet-wide records per second, a ring of WINDOW_SECS buckets.
+        # Fleet-wide rows per second, a ring of WINDOW_SECS buckets.
         self._recent = array("I", bytes(4 * WINDOW_SECS))
         self._second = 0
         # Set by the fleet view's start-up context. The scan of the data dir:
@@ -152,7 +155,7 @@ class DeviceRegistry:
             stats.quarantined += 1
         elif isinstance(item, Record):
             stats.blocks += 1
-            stats.records += item.count
+            stats.rows += item.count
             stats.bytes += len(item.payload)
             stats.count(now, item.count)
             self._count_recent(now, item.count)
@@ -163,7 +166,7 @@ class DeviceRegistry:
         stats.last_error = code
         stats.last_error_at = now
 
-    def _count_recent(self, ts: float, records: int) -> None:
+    def _count_recent(self, ts: float, rows: int) -> None:
         second = int(ts)
         recent = self._recent
         if second > self._second:
@@ -173,10 +176,10 @@ class DeviceRegistry:
         elif second <= self._second - WINDOW_SECS:
             return
         i = second % WINDOW_SECS
-        recent[i] = min(recent[i] + records, _MAX_COUNT)
+        recent[i] = min(recent[i] + rows, _MAX_COUNT)
 
-    def records_per_minute(self, now: float) -> int:
-        """Records stored fleet-wide in the 60 seconds up to `now`."""
+    def rows_per_minute(self, now: float) -> int:
+        """Rows stored fleet-wide in the 60 seconds up to `now`."""
         now_second = int(now)
         newest = self._second
         return sum(
@@ -209,9 +212,10 @@ class DeviceRegistry:
 def scan_data_dir(data_dir: Path, stop: threading.Event | None = None) -> list[ScannedDevice]:
     """Every device and stream with a folder under `data_dir` (blocking).
 
-    One directory listing per device folder and one stat (the newest file's
-    mtime); no file is opened. Names that are not device ids or data files are
-    skipped. `stop` set ends the scan early with what it found so far.
+    One directory listing per device folder, one stat (the newest file's
+    mtime) and one small read (the device's first-seen time); no data file
+    is opened. Names that are not device ids or data files are skipped.
+    `stop` set ends the scan early with what it found so far.
     """
     found: list[ScannedDevice] = []
     quarantine = os.path.join(data_dir, "quarantine", "wattmon")
@@ -279,7 +283,11 @@ def _scan_device(
         last_seen = os.stat(os.path.join(folder, newest)).st_mtime
     except OSError:
         return None
-    first_seen = _period_start(oldest.period)
+    # Written with the device's first file; folders from before it existed
+    # get the start of their oldest file's period.
+    first_seen = read_first_seen(folder) if FIRST_SEEN_NAME in names else None
+    if first_seen is None:
+        first_seen = _period_start(oldest.period)
     first_seen = last_seen if first_seen is None else min(first_seen, last_seen)
     return first_seen, last_seen, None if current is None else f"{protocol}/{device_id}/{current}"
 

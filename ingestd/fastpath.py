@@ -342,7 +342,7 @@ class FastConnection(asyncio.Protocol):
                                   head.query_string, fields.get("authorization"))
             now = server.clock()
             if protocol == wattmon.PROTOCOL:
-                parsed = parse_wattmon(config, body, fields.get("content-type", ""), now)
+                parsed = parse_wattmon(live, body, fields.get("content-type", ""), now)
                 item = admit_wattmon(app, live, parsed, now)
                 if item is None:
                     self._answer_ok(head, protocol, "empty")

@@ -11,7 +11,9 @@ as silent, default 15m, or `silent_for` when given); `order=newest|oldest`
 (by last seen, default newest first); `limit=N`. A duration is seconds
 (`90`, `1.5`) or a number with a unit: `90s`, `15m`, `2h`, `1d`. The summary
 is the whole fleet's, whatever the filters. Times are RFC 3339 UTC.
-Blocks, records and bytes count since the start (the scan reads no file).
+Blocks (and documents), rows and bytes count since the start (the scan
+reads no file). `records`, `hourly_records` and `records_per_minute` are the
+old names of `rows`, `hourly_rows` and `rows_per_minute`, kept for clients.
 
 Both endpoints follow `[status]`: disabled -> 404; client network and token
 as on the device routes.
@@ -141,7 +143,8 @@ async def api_devices(request: web.Request) -> web.Response:
     devices = list(registry)
     summary = {
         "now": rfc3339(now),
-        "records_per_minute": registry.records_per_minute(now),
+        "rows_per_minute": (rows_per_minute := registry.rows_per_minute(now)),
+        "records_per_minute": rows_per_minute,  # the old name
         "counters_since": None if registry.started_at is None else rfc3339(registry.started_at),
         "scan": registry.scan,
     }
@@ -216,14 +219,16 @@ def device_json(
         "silent_secs": round(silent_secs, 3),
         "silent": now - stats.last_seen >= silent_after,  # as counted in the summary
         "blocks": stats.blocks,
-        "records": stats.records,
+        "rows": stats.rows,
+        "records": stats.rows,  # the old name of `rows`
         "bytes": stats.bytes,
         "duplicates": stats.duplicates,
         "quarantined": stats.quarantined,
         "last_error": stats.last_error,
         "last_error_at": None if error_at is None else timestamp(error_at),
         "current_file": stats.current_file,
-        "hourly_records": stats.hourly_records(now),
+        "hourly_rows": (hourly := stats.hourly_rows(now)),
+        "hourly_records": hourly,  # the old name of `hourly_rows`
     }
 
 

@@ -403,6 +403,14 @@ EQUIVALENCE: dict[str, tuple[dict[str, Any], list[Req]]] = {
             Req("/wattmon", wattmon_form(OTHER_MAC, BLOCK)),
         ],
     ),
+    "empty-data-device-not-allowed": (
+        {"wattmon": {"allowed_macs": (OTHER_MAC,)}},
+        [Req("/wattmon", wattmon_form(MAC, "")), Req("/wattmon", wattmon_form(OTHER_MAC, ""))],
+    ),
+    "wattmon-path-with-a-trailing-slash": (
+        {},
+        [Req("/wattmon/", wattmon_form(MAC, BLOCK)), Req("/export-script.php/", "key=x")],
+    ),
     "network-not-allowed": (
         {"wattmon": {"allowed_networks": ("10.0.0.0/8",)}},
         [Req("/wattmon", wattmon_form(MAC, BLOCK))],
@@ -475,6 +483,8 @@ async def test_equivalence_cases_mean_what_they_say(start_client, tmp_path):
         "token-in-query": [200],
         "rate-limited": [200, 429],
         "device-not-allowed": [403, 200],
+        "empty-data-device-not-allowed": [403, 200],
+        "wattmon-path-with-a-trailing-slash": [200, 400],
         "network-not-allowed": [403],
         "forwarded-for-lines-behind-a-trusted-proxy": [200],
         "json-bad-document": [400],
@@ -497,6 +507,10 @@ async def test_equivalence_cases_mean_what_they_say(start_client, tmp_path):
             assert int(got[1].headers["retry-after"]) >= 1
         if name == "json-idempotency-key-twice":
             assert len(json_bodies(data_dir, "stream-x")) == 1
+        if name == "wattmon-path-with-a-trailing-slash":
+            assert wattmon_file(data_dir).read_bytes() == STORED_BLOCK
+            assert got[1].text.startswith("ERROR") and "MAC" in got[1].text
+            assert not (data_dir / "json").exists()
         if name == "forwarded-for-lines-behind-a-trusted-proxy":
             line = json_file(data_dir, "stream-x").read_text()
             assert json.loads(line)["remote"] == "203.0.113.9"

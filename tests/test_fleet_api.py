@@ -74,18 +74,20 @@ async def test_lists_posted_devices_with_their_counters(client, tmp_path):
         "silent_secs": 0.0,
         "silent": False,
         "blocks": 1,
-        "records": 2,
+        "rows": 2,
+        "records": 2,  # the old name of `rows`, kept for existing clients
         "bytes": len(ROWS),
         "duplicates": 1,
         "quarantined": 0,
         "last_error": None,
         "last_error_at": None,
         "current_file": f"wattmon/{MAC_A}/2026-11-21.csv",
+        "hourly_rows": [0] * 23 + [2],
         "hourly_records": [0] * 23 + [2],
     }
     assert (tmp_path / "data" / a["current_file"]).is_file()
     q = devices[MAC_Q]
-    assert (q["quarantined"], q["blocks"], q["records"], q["last_error"]) == (1, 0, 0, None)
+    assert (q["quarantined"], q["blocks"], q["rows"], q["last_error"]) == (1, 0, 0, None)
     assert len(list((tmp_path / "data" / "quarantine" / "wattmon" / MAC_Q).glob("*.csv"))) == 1
     refused_device = devices[MAC_BAD]
     assert refused_device["last_error"] == "bad_md5"
@@ -93,10 +95,11 @@ async def test_lists_posted_devices_with_their_counters(client, tmp_path):
     assert refused_device["blocks"] == 0
     assert not (tmp_path / "data" / "wattmon" / MAC_BAD).exists()
     stream = devices["site-a_mm-1"]
-    assert (stream["protocol"], stream["records"], stream["blocks"]) == ("json", 1, 1)
+    assert (stream["protocol"], stream["rows"], stream["blocks"]) == ("json", 1, 1)
     assert stream["current_file"] == "json/site-a_mm-1/2026-11-21.jsonl"
     assert doc["summary"] == {
         "now": "2026-11-21T08:00:00.000Z",
+        "rows_per_minute": 3,
         "records_per_minute": 3,
         "counters_since": "2026-11-21T08:00:00.000Z",
         "scan": "done",
@@ -108,6 +111,15 @@ async def test_lists_posted_devices_with_their_counters(client, tmp_path):
         "listed": 4,
     }
 
+
+
+async def test_the_status_page_counts_rows_not_records(client):
+    """A block or document is what a device posts (a "record" in the metrics
+    and STATUS=); a row is a line of its file. The page shows rows."""
+    page = await (await client.get("/status")).text()
+    assert '"Rows"' in page and " rows per minute" in page
+    assert "d.rows" in page and "d.hourly_rows" in page and "s.rows_per_minute" in page
+    assert "Records" not in page and "records per minute" not in page
 
 async def test_bad_json_is_the_streams_last_error(client):
     resp = await client.post("/site-b", data=b"{nope", headers=JSON)
@@ -148,11 +160,11 @@ async def test_filters_order_and_silence(client, clock):
     clock.now += 60 * 60  # an hour of silence from everyone: now 09:21
     doc = await fleet(client)
     assert (doc["summary"]["reporting"], doc["summary"]["silent"]) == (0, 3)
-    assert doc["summary"]["records_per_minute"] == 0
+    assert doc["summary"]["rows_per_minute"] == 0
     a = by_id(doc)[MAC_A]
-    assert a["hourly_records"] == [0] * 22 + [2, 0]  # the 08:00 hour, then 09:00
+    assert a["hourly_rows"] == [0] * 22 + [2, 0]  # the 08:00 hour, then 09:00
     clock.now += 24 * 3600
-    assert by_id(await fleet(client))[MAC_A]["hourly_records"] == [0] * 24
+    assert by_id(await fleet(client))[MAC_A]["hourly_rows"] == [0] * 24
 
 
 @pytest.mark.parametrize(
@@ -261,7 +273,7 @@ async def test_startup_scan_lists_devices_seen_only_on_disk(start_client, tmp_pa
     assert a["silent_secs"] == T0 - mtime
     assert a["silent"] is True
     assert a["current_file"] == f"wattmon/{MAC_A}/2026-11-20_0001.csv"
-    assert (a["quarantined"], a["blocks"], a["records"]) == (2, 0, 0)
+    assert (a["quarantined"], a["blocks"], a["rows"]) == (2, 0, 0)
     assert devices["site-b"]["current_file"] == "json/site-b/2026-11-20T07.jsonl"
     assert (doc["summary"]["devices"], doc["summary"]["silent"]) == (3, 3)
 
@@ -270,9 +282,30 @@ async def test_startup_scan_lists_devices_seen_only_on_disk(start_client, tmp_pa
     a = by_id(await fleet(client))[MAC_A]
     assert a["first_seen"] == "2026-11-19T00:00:00.000Z"
     assert a["last_seen"] == "2026-11-21T08:00:00.000Z"
-    assert (a["blocks"], a["records"], a["quarantined"], a["silent"]) == (1, 2, 2, False)
+    assert (a["blocks"], a["rows"], a["quarantined"], a["silent"]) == (1, 2, 2, False)
     assert a["current_file"] == f"wattmon/{MAC_A}/2026-11-21.csv"
 
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+async def test_first_seen_survives_a_restart(start_client, tmp_path, clock, gzipped):
+    """The time of the first stored block, not the start of its file's day."""
+    clock.now = T0 + 3 * 3600 + 0.25  # 2026-11-21T11:00:00.250Z
+    first = await start_client()
+    assert (await (await post_block(first, MAC_A)).text()) == "OK"
+    resp = await first.post("/site-c", data=b'{"rx": 1}', headers=JSON)
+    assert resp.status == 200
+    clock.now += 86400  # a second day, a second file
+    assert (await (await post_block(first, MAC_A, BLOCK.replace("230", "231"))).text()) == "OK"
+    await first.close()
+    if gzipped:  # housekeeping compressed the oldest file meanwhile
+        for old in (tmp_path / "data").glob("*/*/2026-11-21.*"):
+            old.with_name(old.name + ".gz").write_bytes(gzip.compress(old.read_bytes()))
+            old.unlink()
+    second = await start_client()
+    devices = by_id(await wait_for_scan(second))
+    assert devices[MAC_A]["first_seen"] == "2026-11-21T11:00:00.250Z"
+    assert devices["site-c"]["first_seen"] == "2026-11-21T11:00:00.250Z"
 
 def test_live_state_wins_over_the_scan():
     registry = DeviceRegistry()
@@ -300,16 +333,16 @@ def test_hourly_buckets():
     stats = DeviceStats(T0)
     stats.count(T0, 5)
     stats.count(T0 + 3599, 1)
-    assert stats.hourly_records(T0)[-1] == 6
+    assert stats.hourly_rows(T0)[-1] == 6
     stats.count(T0 + 2 * 3600, 7)  # skips an hour
-    assert stats.hourly_records(T0 + 2 * 3600)[-3:] == [6, 0, 7]
+    assert stats.hourly_rows(T0 + 2 * 3600)[-3:] == [6, 0, 7]
     stats.count(T0 + 3600, 2)  # late, still within the window
-    assert stats.hourly_records(T0 + 2 * 3600)[-3:] == [6, 2, 7]
+    assert stats.hourly_rows(T0 + 2 * 3600)[-3:] == [6, 2, 7]
     stats.count(T0 - 30 * 3600, 9)  # older than the window: dropped
-    assert sum(stats.hourly_records(T0 + 2 * 3600)) == 15
+    assert sum(stats.hourly_rows(T0 + 2 * 3600)) == 15
     stats.count(T0 + 100 * 3600, 1)  # days later: the old buckets are gone
-    assert stats.hourly_records(T0 + 100 * 3600) == [0] * 23 + [1]
-    assert stats.hourly_records(T0 + 200 * 3600) == [0] * 24
+    assert stats.hourly_rows(T0 + 100 * 3600) == [0] * 23 + [1]
+    assert stats.hourly_rows(T0 + 200 * 3600) == [0] * 24
 
 
 # -- access ------------------------------------------------------------------------------
@@ -419,7 +452,7 @@ async def test_a_large_fleet_is_listed_whole(client):
         registry.on_result(Record("json", f"s-{i:05d}", T0 - i, b"{}\n"), Outcome.STORED)
     doc = await fleet(client)
     assert [d["id"] for d in doc["devices"]] == [f"s-{i:05d}" for i in range(2500)]
-    assert doc["summary"]["records_per_minute"] == 60
+    assert doc["summary"]["rows_per_minute"] == 60
     assert doc["summary"]["silent"] == 2500 - 900  # i = 900 s and more
     tail = await fleet(client, order="oldest", limit="1001")
     assert tail["devices"][0]["id"] == "s-02499" and len(tail["devices"]) == 1001

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import FORM, wattmon_form
 
+from ingestd.sinks.device import FIRST_SEEN_NAME
+
 MAC = "001122334455"
 BLOCK = "Time,V\n2026-11-21 08:00:00,1\n"
 MD5 = hashlib.md5(BLOCK.encode()).hexdigest()
@@ -266,8 +268,13 @@ def outside_files(tmp_path: Path) -> set[Path]:
 
 
 def data_files(tmp_path: Path) -> set[str]:
+    """Every file under the data dir but a device folder's first-seen time."""
     data = tmp_path / "data"
-    return {str(p.relative_to(data)) for p in data.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(data))
+        for p in data.rglob("*")
+        if p.is_file() and p.name != FIRST_SEEN_NAME
+    }
 
 
 async def exchange(port: int, data: bytes, idle: float = 3.0) -> tuple[bytes, bool]:

@@ -37,6 +37,17 @@ def test_closed_files_are_gzipped_and_the_newest_left_alone(tmp_path):
     )
 
 
+
+def test_the_newest_file_is_found_across_a_rotate_period_change(tmp_path):
+    # hour -> day: the day goes on in `_0001`, which sorts after the hours'
+    # files and is the current one.
+    folder = tmp_path / "wattmon" / "001122334455"
+    make_files(folder, ["2026-11-21T08.csv", "2026-11-21T09.csv", "2026-11-21_0001.csv"])
+    assert sweep(tmp_path, KEEP_ALL).compressed == 2
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "2026-11-21T08.csv.gz", "2026-11-21T09.csv.gz", "2026-11-21_0001.csv",
+    ]
+
 def test_recently_written_files_wait(tmp_path):
     folder = tmp_path / "json" / "s"
     make_files(folder, ["2026-11-20.jsonl", "2026-11-21.jsonl"], age_secs=5)

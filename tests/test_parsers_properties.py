@@ -7,7 +7,9 @@ yields a result or one of our typed errors, never anything else.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import re
@@ -353,6 +355,7 @@ def test_parse_form_fuzz_raw_header_bytes(content_type: str, body: bytes) -> Non
 @example(pair=(b"key=001122334455&data=", URLENCODED), require_md5=False)
 @example(pair=(b"key=%20001122334455%0A&data=%0D%0A", URLENCODED), require_md5=False)
 @example(pair=(b"key=00112233445&data=x", ""), require_md5=False)
+@example(pair=(b"key=001122334455&data=T%2CV%0At%2C%22a%0Ab%22%0A", ""), require_md5=False)
 def test_wattmon_parse_fuzz(pair: tuple[bytes, str], require_md5: bool) -> None:
     body, content_type = pair
     try:
@@ -369,7 +372,8 @@ def test_wattmon_parse_fuzz(pair: tuple[bytes, str], require_md5: bool) -> None:
     assert result.received_at == RECEIVED_AT
     if isinstance(result, Record):
         assert result.count >= 1
-        assert result.payload.count(b"\n") == result.count
+        # Rows, not lines: a quoted field may hold line breaks.
+        assert len(csv_rows(result.payload)) == result.count
         assert result.payload.endswith(b"\n")
         assert result.header.endswith(b"\n") and result.header.count(b"\n") == 1
         assert b"\r" not in result.payload + result.header
@@ -398,6 +402,7 @@ def test_wattmon_parse_fuzz_any_bytes(body: bytes, content_type: str, require_md
     )
 )
 @example(data=b'a,"b\n"c",d\n')
+@example(data=b'a,"b\n\nc"\n \n')
 @example(data=b"\n\r\n\r")
 @example(data=b"T\n\x00")
 def test_split_block_fuzz(data: bytes) -> None:
@@ -408,7 +413,7 @@ def test_split_block_fuzz(data: bytes) -> None:
         assert exc.reason
         return
     event(f"{min(count, 2)}+ rows")
-    assert rows.count(b"\n") == count
+    assert len(csv_rows(rows)) == count
     if count == 0:
         assert rows == b""
     else:
@@ -753,6 +758,97 @@ def test_parse_strips_whitespace_around_key(key: bytes) -> None:
     result = wattmon.parse(body, URLENCODED, received_at=RECEIVED_AT, require_md5=True)
     assert isinstance(result, Record)
     assert result.device_id == "001122334455"
+
+
+
+# --------------------------------------------------------------------------
+# 6b. Valid CSV that is not one row a line; lines of only whitespace
+# --------------------------------------------------------------------------
+
+
+def csv_rows(text: bytes) -> list[list[str]]:
+    """The CSV records of `text` as the stdlib reads them."""
+    return list(csv.reader(io.StringIO(text.decode(), newline=""), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("data", "rows", "count"),
+    [
+        (b'Time,Note\n2026-11-21 08:00:00,"one\ntwo"\n2026-11-21 08:01:00,x\n',
+         b'2026-11-21 08:00:00,"one\ntwo"\n2026-11-21 08:01:00,x\n', 2),
+        # a blank line inside the quotes is the field's, not a blank line
+        (b'T,N\nt,"a\n\nb"\n', b't,"a\n\nb"\n', 1),
+        # line ends become \n, also inside quotes (as everywhere in a block)
+        (b'T,N\r\nt,"a\r\nb"\r\nu,"c,d"', b't,"a\nb"\nu,"c,d"\n', 2),
+        (b'T,N\rt,"a\r"\r', b't,"a\n"\n', 1),
+        # the header's fields may hold line breaks too
+        (b'T,"N\n(kWh)"\nt,1\n', b"t,1\n", 1),
+    ],
+)
+def test_split_block_keeps_a_quoted_field_across_line_breaks(
+    data: bytes, rows: bytes, count: int
+) -> None:
+    header, got_rows, got_count = wattmon.split_block(data)
+    assert (got_rows, got_count) == (rows, count)
+    assert len(csv_rows(header)) == 1
+    assert len(csv_rows(got_rows)) == count
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"T,V\nt1,2\n\t\nt3,4\n",
+        b"T,V\r\nt1,2\r\n \t \r\nt3,4\r\n\t",
+        b"\t\nT,V\n\nt1,2\n\x0b\x0c\nt3,4",
+    ],
+)
+def test_split_block_drops_lines_of_only_whitespace_like_blank_lines(data: bytes) -> None:
+    assert wattmon.split_block(data) == (b"T,V\n", b"t1,2\nt3,4\n", 2)
+
+
+def test_header_and_whitespace_only_lines_store_nothing() -> None:
+    data = b"Time,V\n\t\n  \n"
+    body = form(key="001122334455", md5sum=md5_hex(data), data=data)
+    assert wattmon.parse(body, URLENCODED, received_at=RECEIVED_AT, require_md5=True) is None
+
+
+@pytest.mark.parametrize(
+    "data", [b'T,N\nt,"a\nb\n', b'T,N\nt,"a\n', b'T,N\nt,"a"b\n', b'T,N\nt,"a\nb",c\n']
+)
+def test_split_block_refuses_a_quote_left_open_or_a_wider_row(data: bytes) -> None:
+    with pytest.raises(MalformedBlock):
+        wattmon.split_block(data)
+
+
+# A quoted reading with at least one line break (a quote inside is doubled).
+multi_line_cells = st.lists(
+    st.lists(cell_chars | st.sampled_from(["\r\n", ",", '""']), max_size=8).map("".join),
+    min_size=2,
+    max_size=3,
+).map(lambda parts: '"' + "\n".join(parts) + '"')
+
+
+@PARSERS
+@given(block=csv_blocks(), cell=multi_line_cells, data=st.data())
+def test_wattmon_round_trip_with_a_quoted_multi_line_field(
+    block: tuple[list[str], bytes], cell: str, data: Any
+) -> None:
+    lines, _ = block
+    width = lines[0].count(",") + 1
+    assume(width > 1)
+    at = data.draw(st.integers(1, len(lines) - 1))
+    fields = lines[at].split(",")
+    fields[-1] = cell  # a reading that holds line breaks, quoted
+    lines[at] = ",".join(fields)
+    ending = data.draw(line_endings.filter(lambda e: e != "\r"))
+    raw = "".join(line + ending for line in lines).encode()
+    body = form(key="001122334455", md5sum=md5_hex(raw), data=raw)
+    result = wattmon.parse(body, URLENCODED, received_at=RECEIVED_AT, require_md5=True)
+    assert isinstance(result, Record), result
+    assert result.count == len(lines) - 1
+    expected = raw.replace(b"\r\n", b"\n")
+    assert result.header + result.payload == expected
+    assert csv_rows(result.payload) == csv_rows(expected)[1:]
 
 
 # --------------------------------------------------------------------------

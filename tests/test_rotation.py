@@ -156,3 +156,82 @@ async def test_restart_continues_the_current_file_not_a_rotated_one(start_client
         if name != newest:
             assert after[name] == before[name]  # rotated files never change
     assert b"08:00:09" in after[max(after)]
+
+
+# -- a change of rotate_period (hour <-> day) between runs ---------------------
+# Within a day, names sort: the day's first file, its hourly files, then the
+# day's later sequence (`2026-11-21.csv` < `2026-11-21T09.csv` <
+# `2026-11-21_0001.csv`: `.` < `T` < `_`).
+
+
+def test_names_of_one_day_sort_day_then_hours_then_day_sequence():
+    names = [
+        file_name("2026-11-21", 0, "csv"),
+        file_name("2026-11-21T08", 0, "csv"),
+        file_name("2026-11-21T08", 1, "csv"),
+        file_name("2026-11-21T23", 0, "csv"),
+        file_name("2026-11-21", 1, "csv"),
+        file_name("2026-11-22T00", 0, "csv"),
+    ]
+    assert sorted(names) == names
+    assert sorted(names, key=lambda n: parse_file_name(n).sort_key) == names
+
+
+def test_hour_to_day_starts_a_day_file_that_sorts_after_the_hour():
+    # Not `2026-11-21.csv` (it sorts before the hour's file) and not the
+    # hour's next sequence (day data under an hour's name).
+    target = decide(current(period="2026-11-21T09"), period="2026-11-21")
+    assert target == FileName("2026-11-21", 1, "csv")
+    assert target.name > "2026-11-21T09.csv"
+
+
+def test_day_to_hour_keeps_the_days_file_until_the_day_ends():
+    # An hour's file would sort before the day's `_0001`, `_0002`, ...
+    assert decide(current(period="2026-11-21", seq=2), period="2026-11-21T14") is None
+    rotated = decide(current(size=995, period="2026-11-21", seq=2), period="2026-11-21T14")
+    assert rotated == FileName("2026-11-21", 3, "csv")
+    assert decide(current(period="2026-11-21"), period="2026-11-22T00") == FileName(
+        "2026-11-22T00", 0, "csv"
+    )
+
+
+def test_earlier_hour_of_an_earlier_day_still_appends():
+    assert decide(current(period="2026-11-22"), period="2026-11-21T23") is None
+    assert decide(current(period="2026-11-22T00"), period="2026-11-21") is None
+
+
+async def test_rotate_period_changes_keep_names_in_time_order(start_client, tmp_path, clock):
+    """hour -> day -> hour -> day across restarts, with size rotation: the
+    README's `cat $(ls ...)` reads every row in time order, and no hourly
+    name holds more than its hour."""
+    folder = tmp_path / "data" / "wattmon" / "001122334455"
+    sent: list[str] = []
+    runs = [("hour", [0, 1800, 3600]), ("day", [5400, 7200, 9000, 10800]),
+            ("hour", [12600, 14400]), ("day", [86400, 90000])]
+    start = clock.now  # 2026-11-21T08:00Z
+    for period, offsets in runs:
+        client = await start_client(rotate_period=period, max_file_bytes=120)
+        for offset in offsets:
+            clock.now = start + offset
+            row = f"t{offset:06d},{offset}"
+            block = f"Time,V\n{row}\n"
+            resp = await client.post(
+                "/wattmon", data=wattmon_form("001122334455", block), headers=FORM
+            )
+            assert resp.status == 200
+            sent.append(row)
+        await client.close()
+    listed = sorted(p.name for p in folder.iterdir() if p.suffix == ".csv")  # `ls *.csv`
+    rows = []
+    for name in listed:
+        lines = (folder / name).read_text().splitlines()
+        assert lines[0] == "Time,V"
+        rows += lines[1:]
+        parsed = parse_file_name(name)
+        assert parsed is not None
+        if "T" in parsed.period:  # an hour's file holds only that hour's rows
+            hour = int(parsed.period[-2:])
+            for line in lines[1:]:
+                offset = int(line.split(",")[1])
+                assert (8 + offset // 3600) % 24 == hour, (name, line)
+    assert rows == sent

@@ -14,6 +14,7 @@ import re
 from ingestd.errors import (
     BadDeviceKey,
     BlockTooLarge,
+    Forbidden,
     IngestError,
     MalformedBlock,
     Md5Mismatch,
@@ -43,13 +44,21 @@ def parse(
     require_md5: bool,
     max_rows: int = 100_000,
     max_columns: int = 1_000,
+    allowed_macs: frozenset[str] | None = None,
 ) -> Record | Quarantined | None:
-    """One POST to a block to store, a block to quarantine, or None (no data)."""
+    """One POST to a block to store, a block to quarantine, or None (no data).
+
+    A MAC not in `allowed_macs` (normalised; None allows all) is refused
+    before anything else of the post is looked at: a post without rows, which
+    a known device gets OK for, or a bad MD5 tells an unknown device nothing.
+    """
     fields = parse_form(body, content_type, FIELDS)
     if "key" not in fields:
         raise BadDeviceKey("key missing")
     mac = normalise_mac(fields["key"].strip())
     try:
+        if allowed_macs is not None and mac not in allowed_macs:
+            raise Forbidden("device not allowed")
         return _block(mac, fields, received_at, require_md5, max_rows, max_columns)
     except IngestError as exc:
         exc.device = mac  # so the log line names the device
@@ -94,7 +103,9 @@ def split_block(data: bytes, max_columns: int = 1_000) -> tuple[bytes, bytes, in
     """CSV block to (header line, row lines, row count), line endings as `\n`.
 
     Rows are kept byte for byte; only their column counts are checked against
-    the header's. Blank lines are dropped.
+    the header's. Blank lines and lines of only whitespace are dropped. A
+    quoted field may hold line breaks (valid CSV): its row keeps them, so
+    the count is of CSV rows, not of lines.
     """
     skeleton = data.translate(None, _NOT_SKELETON)
     lf = skeleton.count(b"\n")
@@ -163,12 +174,16 @@ def _any_block(data: bytes, max_columns: int) -> tuple[bytes, bytes, int]:
         raise MalformedBlock(f"not UTF-8 at byte {exc.start}") from exc
     if b"\x00" in data:
         raise MalformedBlock("NUL byte in block")
-    lines = data.split(b"\n")
-    if b"\n\n" in data or not lines[0] or not lines[-1]:
-        lines = [line for line in lines if line]
+    if b'"' in data:
+        lines, widths = _csv_rows(data.split(b"\n"))
+    else:
+        # Without quotes a comma always separates and a line is a row (the
+        # common case, counted in C). A line of only spaces or tabs is a
+        # blank line with a device's padding.
+        lines = [line for line in data.split(b"\n") if line and not line.isspace()]
+        widths = [line.count(b",") + 1 for line in lines]
     if not lines:
         return b"", b"", 0
-    widths = _column_counts(lines, quoted=b'"' in data)
     width = widths[0]
     if width > max_columns:
         raise BlockTooLarge(f"block has more than {max_columns} columns")
@@ -180,15 +195,22 @@ def _any_block(data: bytes, max_columns: int) -> tuple[bytes, bytes, int]:
     return lines[0] + b"\n", b"\n".join(lines[1:]) + b"\n" if len(lines) > 1 else b"", len(lines) - 1
 
 
-def _column_counts(lines: list[bytes], *, quoted: bool) -> list[int]:
-    """Columns per line. Without quotes a comma always separates (the common
-    case, counted in C); with quotes the csv module decides."""
-    if not quoted:
-        return [line.count(b",") + 1 for line in lines]
+def _csv_rows(lines: list[bytes]) -> tuple[list[bytes], list[int]]:
+    """The rows of a block with quotes, as the csv module reads them (a
+    quoted field may span lines), each with its column count; blank and
+    whitespace-only rows dropped."""
+    reader = csv.reader([line.decode("utf-8") + "\n" for line in lines], strict=True)
+    rows: list[bytes] = []
+    widths: list[int] = []
+    start = 0
     try:
-        parsed = list(csv.reader([line.decode("utf-8") for line in lines], strict=True))
+        for fields in reader:
+            end = reader.line_num  # lines read so far: this row's are lines[start:end]
+            row = b"\n".join(lines[start:end])
+            start = end
+            if row and not row.isspace():
+                rows.append(row)
+                widths.append(len(fields))
     except csv.Error as exc:
         raise MalformedBlock(f"not CSV: {exc}") from exc
-    if len(parsed) != len(lines):
-        raise MalformedBlock("a quoted field spans lines")
-    return [len(row) for row in parsed]
+    return rows, widths

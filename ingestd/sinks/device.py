@@ -6,6 +6,7 @@ All methods block; only the writer thread calls them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -17,6 +18,11 @@ from ingestd.sinks.rotation import FileName, OpenFile, next_file, parse_file_nam
 from ingestd.sinks.wal import write_all
 
 KEYS_NAME = ".ingestd-keys"
+# When the device's first block was stored ("seconds.millis\n", Unix time),
+# written once with its first file: no data file tells it (a file's name
+# gives only its period, its mtime the last write, and retention deletes the
+# oldest files).
+FIRST_SEEN_NAME = ".ingestd-first-seen"
 # "32 hex digits, space, seconds.millis\n": 48 bytes for times since 2001.
 _KEY_LINE_BYTES = 48
 FILE_MODE = 0o644
@@ -44,6 +50,8 @@ class DeviceFiles:
         "_fd",
         "_fd_ino",
         "_fd_name",
+        "_first_seen",
+        "_first_seen_due",
         "_header",
         "_keys_fd",
         "_name",
@@ -83,6 +91,11 @@ class DeviceFiles:
         # Keys of stored blocks not yet in the key file: the log holds them
         # until the next checkpoint, which writes them (one write a device).
         self._pending_keys: list[str] = []
+        # A new device (no data file, no FIRST_SEEN_NAME) is due its
+        # first-seen file: plan() notes the first record's time, apply()
+        # writes it with the first file.
+        self._first_seen_due = False
+        self._first_seen: float | None = None
 
     # -- loading -------------------------------------------------------------
 
@@ -94,7 +107,7 @@ class DeviceFiles:
         names = [parse_file_name(n) for n in os.listdir(folder)]
         ours = [n for n in names if n is not None and n.ext == ext]
         if ours:
-            newest = max(ours, key=lambda n: (n.period, n.seq))
+            newest = max(ours, key=lambda n: n.sort_key)
             path = folder / newest.name
             size = path.stat().st_size
             header = b""
@@ -102,6 +115,8 @@ class DeviceFiles:
                 with open(path, "rb") as fh:
                     header = fh.readline()
             device._start(newest, size, header)
+        elif not (folder / FIRST_SEEN_NAME).exists():
+            device._first_seen_due = True
         device._load_keys()
         return device
 
@@ -161,6 +176,8 @@ class DeviceFiles:
         """
         key = record.dedup_key
         received_at = record.received_at
+        if self._first_seen_due and self._first_seen is None:
+            self._first_seen = received_at
         if key is not None:
             digest = key_bytes(key)
             if self.window.seen(digest, received_at):
@@ -173,7 +190,7 @@ class DeviceFiles:
         # policy (when this says "maybe", next_file has the last word).
         if (
             name is None
-            or period > name.period
+            or period != name.period
             or header != self._header
             or (size > len(self._header) and size + len(data) > self.settings.max_file_bytes)
         ):
@@ -251,6 +268,8 @@ class DeviceFiles:
             lines = [w[4] for w in writes if w[4] is not None]
             if lines:
                 self._append_keys(lines)
+            if self._first_seen is not None:
+                self._write_first_seen(self._first_seen)
         except OSError:
             self._roll_back(done)
             raise
@@ -274,6 +293,19 @@ class DeviceFiles:
         self._created_file = True
         return self._fd
 
+    def _write_first_seen(self, ts: float) -> None:
+        path = f"{self.folder}/{FIRST_SEEN_NAME}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        try:
+            write_all(fd, f"{ts:.3f}\n".encode("ascii"))
+        finally:
+            os.close(fd)
+        self._first_seen_due = False
+        self._first_seen = None
+        # Synced with the first file; the folder's entry too (_open set
+        # _created_file).
+        self.unsynced.append(path)
+
     def _append_keys(self, lines: list[str]) -> None:
         if self._keys_fd is None:
             # Create the key file with the device's first keyed write, not at
@@ -295,6 +327,7 @@ class DeviceFiles:
         self._pending_keys = []
 
     def _roll_back(self, done: list[tuple[FileName, int]]) -> None:
+        # A first-seen file written already stays: the device was seen then.
         for name, offset in done:
             path = self.folder / name.name
             with contextlib.suppress(OSError):
@@ -381,3 +414,18 @@ def fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_first_seen(folder: str) -> float | None:
+    """The device's FIRST_SEEN_NAME time, or None if missing or unreadable
+    (a folder from before it existed, or one cut short by a power loss)."""
+    try:
+        with open(f"{folder}/{FIRST_SEEN_NAME}", "rb") as fh:
+            text = fh.read(64)
+    except OSError:
+        return None
+    try:
+        ts = float(text)
+    except ValueError:
+        return None
+    return ts if math.isfinite(ts) and ts >= 0 else None

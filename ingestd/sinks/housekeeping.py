@@ -114,7 +114,7 @@ def _closed_files(folder: Path, now: float) -> list[tuple[Path, os.stat_result]]
             with contextlib.suppress(FileNotFoundError):
                 (folder / plain).unlink()
             continue
-        files.append(((parsed.period, parsed.seq), folder / name))
+        files.append((parsed.sort_key, folder / name))
     files.sort()
     result = []
     for _, path in files[:-1]:  # the newest is (or may become) the current file

@@ -4,6 +4,12 @@ Names sort in time order with a plain byte sort (`ls`, `sorted()`):
 `2026-11-21.csv`, then `2026-11-21_0001.csv`, `2026-11-21_0002.csv`, ...
 (`_` sorts after `.`), then `2026-11-22.csv`. Hourly files are
 `2026-11-21T13.csv`. A compressed closed file adds `.gz`.
+
+Also across a change of `rotate_period`: within a day, `.` < `T` < `_`, so
+the day's first file sorts before its hourly files and its later sequence
+after them. A switch from hour to day therefore goes on in `<day>_0001`,
+and a switch from day to hour keeps the day's file until the day ends
+(an hourly file would sort before the day's `_0001`, `_0002`, ...).
 """
 
 from __future__ import annotations
@@ -47,6 +53,15 @@ class FileName:
     def name(self) -> str:
         return file_name(self.period, self.seq, self.ext)
 
+    @property
+    def sort_key(self) -> tuple[str, int, str, int]:
+        """The order of the names' byte sort, also past `_9999`: the day's
+        first file, its hours, then the day's later sequence."""
+        day, hour = self.period[:10], self.period[10:]
+        if hour:
+            return (day, 1, hour, self.seq)
+        return (day, 2 if self.seq else 0, "", self.seq)
+
 
 def parse_file_name(name: str) -> FileName | None:
     """A name this policy made (not compressed), or None for anything else."""
@@ -80,11 +95,22 @@ def next_file(
     append would pass `max_file_bytes` (a block larger than that still goes,
     whole, into a file of its own). A record whose period is earlier than the
     current file's (the clock stepped back) is appended: a file that has been
-    rotated away from is never written again.
+    rotated away from is never written again. Across a change of period
+    (hour and day), see the module's docstring.
     """
     if current is None:
         return FileName(record_period, 0, ext)
-    later_period = record_period > current.name.period
+    current_period = current.name.period
+    if len(record_period) < len(current_period) and current_period.startswith(record_period):
+        # The record's day holds the current file's hour (hour -> day): the
+        # day's next sequence sorts after the hour's files; `<day>.csv`
+        # would not. (The device's folder skips past names taken already.)
+        return FileName(record_period, 1, ext)
+    # A day and an hour of it: neither is later (day -> hour: the day's file
+    # goes on until the day ends).
+    later_period = record_period[:10] > current_period[:10] or (
+        len(record_period) == len(current_period) and record_period > current_period
+    )
     if current.size == 0 and not later_period:
         return None  # an empty file takes any header
     header_changed = header != current.header
