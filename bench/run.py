@@ -19,6 +19,14 @@ is a mkdir and two file creations, which cost this VM's ext4 50 us to 1 ms).
 `--servers baseline,ingestd,ceiling,floor` adds two reference rows: ingestd
 with storage skipped (what the request path alone allows) and a Python core
 answering OK and nothing else (the HTTP exchange's own share).
+
+`--servers baseline,ingestd,php,node` adds the seeds' own sample receivers
+(bench/seed_servers.py), each on the columns of its protocol: the Wattmon
+PHP script under nginx + php-fpm with 4 children, the Allegro Node script;
+both store without fsync. Before its runs each must answer a device's post
+as the device expects, and after it its stored files must have grown by the
+posts it answered; a row "ingestd / seed receiver" and the issue's targets
+follow the table.
 """
 
 from __future__ import annotations
@@ -27,14 +35,16 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import seed_servers
 
 HERE = Path(__file__).resolve().parent
 BODIES = HERE / "results" / "bodies"
@@ -46,6 +56,13 @@ COLUMNS = [
     ("JSON, new connection", "json", True),
 ]
 CONTENT_TYPES = {"wattmon": "application/x-www-form-urlencoded", "json": "application/json"}
+# The seeds' sample receiver of each protocol, and what it answers a stored post.
+SEED_RECEIVER = {"wattmon": "php", "json": "node"}
+SEED_ANSWER = {"php": b"OK", "node": b""}
+# Each post stores at least this much (a Wattmon block ~1.5 KB, a JSON document ~700 bytes).
+MIN_STORED_PER_POST = 500
+# Issue 13, one core: ingestd against the seed receiver and against the baseline.
+TARGETS = {"seed receiver": 2.0, "baseline": 1.0}
 
 
 def free_port() -> int:
@@ -69,23 +86,40 @@ SERVERS = {
     "ingestd": "ingestd with its defaults: durable, written and fsynced before OK",
     "ceiling": "ingestd with storage skipped: the request path alone (bench/ceiling_server.py)",
     "floor": "a Python core answering OK and nothing else (bench/floor_server.py)",
+    "php": "the Wattmon seed's PHP script under nginx + php-fpm (4 children), Wattmon only",
+    "node": "the Allegro seed's Node.js script (Buffer.concat patch), JSON only",
 }
 
 
-def start_server(name: str, port: int, data_dir: Path, workers: int) -> subprocess.Popen[bytes]:
+@dataclass
+class Running:
+    procs: list[subprocess.Popen[bytes]]
+    port: int
+    store: Path | None = None  # a seed receiver's files, checked to grow
+
+
+def start_server(name: str, port: int, run_dir: Path, workers: int) -> Running:
+    cores = "0" if workers == 1 else f"0-{workers - 1}"
+    if name == "php":
+        procs, store = seed_servers.start_php(run_dir, port, cores)
+        return Running(procs, port, store)
+    if name == "node":
+        procs, store = seed_servers.start_node(run_dir, cores)
+        return Running(procs, seed_servers.NODE_PORT, store)
     if name in ("baseline", "floor"):
         command = [sys.executable, str(HERE / f"{name}_server.py"), str(port)]
     else:
-        config = data_dir.parent / f"{data_dir.name}.toml"
+        data_dir = run_dir / "data"
+        data_dir.mkdir()
+        config = run_dir / "ingestd.toml"
         # workers = 1 is the single-process mode: HTTP and storage in one process.
         config.write_text(f"[server]\nworkers = {workers}\n")
         daemon = ["-m", "ingestd"] if name == "ingestd" else [str(HERE / "ceiling_server.py")]
         command = [sys.executable, *daemon, "serve", "--config", str(config),
                    "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
-    cores = "0" if workers == 1 else f"0-{workers - 1}"
     proc = subprocess.Popen(["taskset", "-c", cores, *command], stderr=subprocess.DEVNULL)
     wait_listening(port)
-    return proc
+    return Running([proc], port)
 
 
 def wrk(port: int, protocol: str, new_conn: bool, seconds: float, connections: int, core: str,
@@ -102,25 +136,91 @@ def wrk(port: int, protocol: str, new_conn: bool, seconds: float, connections: i
     errors = sum(int(result[k]) for k in ("errors_status", "errors_connect", "errors_read"))
     if bodies == BODIES and int(result["requests"]) >= 200_000:
         print(f"warning: {protocol} bodies were replayed more than once", file=sys.stderr)
-    return {"rate": rate, "errors": errors, "p99_ms": int(result["p99_us"]) / 1000}
+    return {"rate": rate, "errors": errors, "p99_ms": int(result["p99_us"]) / 1000,
+            "answered": int(result["requests"]) - int(result["errors_status"])}
 
 
-def run_once(name: str, column: tuple[str, str, bool], args: argparse.Namespace) -> dict[str, float]:
+def check_seed_answer(name: str, port: int, protocol: str) -> None:
+    """A seed receiver must answer a device's post as the device expects."""
+    with open(WARM_BODIES / f"{protocol}.txt") as fh:
+        path, body = fh.readline().rstrip("\n").split("\t", 1)
+    seed_servers.check_answer(port, path, body.encode(), CONTENT_TYPES[protocol],
+                              SEED_ANSWER[name])
+
+
+def run_once(name: str, column: tuple[str, str, bool],
+             args: argparse.Namespace) -> dict[str, float]:
     """One fresh server, warmed up, then one measured wrk run."""
     _, protocol, new_conn = column
-    data_dir = Path(tempfile.mkdtemp(prefix="ingestd-bench-", dir=args.data_root))
-    port = free_port()
-    proc = start_server(name, port, data_dir, args.workers)
+    run_dir = Path(tempfile.mkdtemp(prefix="ingestd-bench-", dir=args.data_root))
+    server = start_server(name, free_port(), run_dir, args.workers)
     try:
+        if server.store is not None:
+            check_seed_answer(name, server.port, protocol)
         if args.warmup:
-            wrk(port, protocol, new_conn, args.warmup, args.connections, args.wrk_core,
+            wrk(server.port, protocol, new_conn, args.warmup, args.connections, args.wrk_core,
                 WARM_BODIES)
-        return wrk(port, protocol, new_conn, args.seconds, args.connections, args.wrk_core)
+        before = seed_servers.stored_bytes(server.store) if server.store else 0
+        result = wrk(server.port, protocol, new_conn, args.seconds, args.connections,
+                     args.wrk_core)
+        if server.store is not None:
+            grown = seed_servers.stored_bytes(server.store) - before
+            if grown < result["answered"] * MIN_STORED_PER_POST:
+                raise RuntimeError(f"{name} answered {result['answered']:.0f} posts but "
+                                   f"stored only {grown} bytes")
+        return result
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        shutil.rmtree(data_dir, ignore_errors=True)
-        Path(f"{data_dir}.toml").unlink(missing_ok=True)
+        seed_servers.stop(server.procs)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def serves(name: str, protocol: str) -> bool:
+    """A seed receiver serves only its own protocol; every other server both."""
+    return name not in SEED_ANSWER or SEED_RECEIVER[protocol] == name
+
+
+Cell = dict[str, float] | None  # None: a column the server does not serve
+
+
+def ratio_row(label: str, cells: list[Cell], references: list[Cell]) -> str:
+    return f"| {label} | " + " | ".join(
+        "-" if c is None or r is None else f"{c['rate'] / r['rate']:.2f}x"
+        for c, r in zip(cells, references, strict=True)) + " |"
+
+
+def print_table(table: dict[str, list[Cell]], columns: list[tuple[str, str, bool]]) -> None:
+    print("| server | " + " | ".join(c[0] for c in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for name, cells in table.items():
+        print(f"| {name} | " + " | ".join(
+            "-" if c is None else f"{c['rate']:,.0f}/s (p99 {c['p99_ms']:.0f} ms)"
+            for c in cells) + " |")
+    # What each server is held against: the baseline, and each column's seed receiver.
+    references: dict[str, list[Cell]] = {}
+    if "baseline" in table:
+        references["baseline"] = table["baseline"]
+    if any(SEED_RECEIVER[c[1]] in table for c in columns):
+        references["seed receiver"] = [table.get(SEED_RECEIVER[c[1]], [None] * len(columns))[i]
+                                       for i, c in enumerate(columns)]
+    for name, cells in table.items():
+        if name == "baseline" or name in SEED_ANSWER:
+            continue
+        for label, reference in references.items():
+            print(ratio_row(f"{name} / {label}", cells, reference))
+    if "ingestd" not in table:
+        return
+    protocols = dict.fromkeys(c[1] for c in columns)
+    print("\nseed receiver: " + ", ".join(
+        f"{SEED_RECEIVER[p]} on the {'Wattmon' if p == 'wattmon' else 'JSON'} columns"
+        for p in protocols))
+    for label, minimum in TARGETS.items():
+        if label not in references:
+            continue
+        short = [f"{column[0]} {c['rate'] / r['rate']:.2f}x"
+                 for column, c, r in zip(columns, table["ingestd"], references[label], strict=True)
+                 if c is not None and r is not None and c["rate"] / r["rate"] < minimum]
+        verdict = "met on every column" if not short else "short on " + "; ".join(short)
+        print(f"target ingestd >= {minimum:.1f}x the {label}: {verdict}")
 
 
 def measure(names: list[str], column: tuple[str, str, bool],
@@ -128,9 +228,10 @@ def measure(names: list[str], column: tuple[str, str, bool],
     """Each server's median over `args.runs`. The servers take turns run by
     run, so a slow spell of this shared machine falls on all of them rather
     than on whichever was being measured at the time."""
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    runs: dict[str, list[dict[str, float]]] = {
+        name: [] for name in names if serves(name, column[1])}
     for _ in range(args.runs):
-        for name in names:
+        for name in runs:
             runs[name].append(run_once(name, column, args))
     return {
         name: {"rate": statistics.median(r["rate"] for r in results),
@@ -169,25 +270,17 @@ def main() -> None:
                         "--start", "1000000", "--count", "100000"], check=True)
     columns = [c for c in COLUMNS if args.only in (None, c[1])]
     by_column = [measure(names, column, args) for column in columns]
-    table = {name: [cells[name] for cells in by_column] for name in names}
+    table = {name: [cells.get(name) for cells in by_column] for name in names
+             if any(serves(name, c[1]) for c in columns)}
     print(f"\n{args.runs} runs x {args.seconds} s after {args.warmup:g} s of warm-up, "
           f"{args.connections} connections, "
           f"server on {args.workers} core(s), wrk on core {args.wrk_core}; "
           f"requests/s (median), p99 latency\n")
-    print("| server | " + " | ".join(c[0] for c in columns) + " |")
-    print("|---|" + "---|" * len(columns))
-    for name, cells in table.items():
-        print(f"| {name} | " + " | ".join(
-            f"{c['rate']:,.0f}/s (p99 {c['p99_ms']:.0f} ms)" for c in cells) + " |")
-    for name in names:
-        if name == "baseline" or "baseline" not in table:
-            continue
-        pairs = zip(table[name], table["baseline"], strict=True)
-        print(f"| {name} / baseline | " + " | ".join(f"{i['rate'] / b['rate']:.2f}x"
-                                                    for i, b in pairs) + " |")
-    errors = sum(c["errors"] for cells in table.values() for c in cells)
+    print_table(table, columns)
+    errors = sum(c["errors"] for cells in table.values() for c in cells if c is not None)
     if errors:
-        print(f"\nwarning: {errors} errors (non-2xx, connect, read) during the runs", file=sys.stderr)
+        print(f"\nwarning: {errors} errors (non-2xx, connect, read) during the runs",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
