@@ -84,6 +84,8 @@ def wait_listening(port: int, timeout: float = 20) -> None:
 SERVERS = {
     "baseline": "the bare aiohttp + uvloop handler of the issue (bench/baseline_server.py)",
     "ingestd": "ingestd with its defaults: durable, written and fsynced before OK",
+    "before": "ingestd from the checkout named by --before-tree (e.g. a git worktree of an"
+              " older commit): before/after rows measured in one run",
     "ceiling": "ingestd with storage skipped: the request path alone (bench/ceiling_server.py)",
     "floor": "a Python core answering OK and nothing else (bench/floor_server.py)",
     "php": "the Wattmon seed's PHP script under nginx + php-fpm (4 children), Wattmon only",
@@ -98,7 +100,9 @@ class Running:
     store: Path | None = None  # a seed receiver's files, checked to grow
 
 
-def start_server(name: str, port: int, run_dir: Path, workers: int) -> Running:
+def start_server(
+    name: str, port: int, run_dir: Path, workers: int, before_tree: Path | None = None
+) -> Running:
     cores = "0" if workers == 1 else f"0-{workers - 1}"
     if name == "php":
         procs, store = seed_servers.start_php(run_dir, port, cores)
@@ -114,10 +118,12 @@ def start_server(name: str, port: int, run_dir: Path, workers: int) -> Running:
         config = run_dir / "ingestd.toml"
         # workers = 1 is the single-process mode: HTTP and storage in one process.
         config.write_text(f"[server]\nworkers = {workers}\n")
-        daemon = ["-m", "ingestd"] if name == "ingestd" else [str(HERE / "ceiling_server.py")]
+        daemon = ["-m", "ingestd"] if name != "ceiling" else [str(HERE / "ceiling_server.py")]
         command = [sys.executable, *daemon, "serve", "--config", str(config),
                    "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
-    proc = subprocess.Popen(["taskset", "-c", cores, *command], stderr=subprocess.DEVNULL)
+    # "before" imports ingestd from its own checkout: `-m` looks in the cwd first.
+    cwd = before_tree if name == "before" else None
+    proc = subprocess.Popen(["taskset", "-c", cores, *command], stderr=subprocess.DEVNULL, cwd=cwd)
     wait_listening(port)
     return Running([proc], port)
 
@@ -153,7 +159,7 @@ def run_once(name: str, column: tuple[str, str, bool],
     """One fresh server, warmed up, then one measured wrk run."""
     _, protocol, new_conn = column
     run_dir = Path(tempfile.mkdtemp(prefix="ingestd-bench-", dir=args.data_root))
-    server = start_server(name, free_port(), run_dir, args.workers)
+    server = start_server(name, free_port(), run_dir, args.workers, args.before_tree)
     try:
         if server.store is not None:
             check_seed_answer(name, server.port, protocol)
@@ -199,6 +205,8 @@ def print_table(table: dict[str, list[Cell]], columns: list[tuple[str, str, bool
     references: dict[str, list[Cell]] = {}
     if "baseline" in table:
         references["baseline"] = table["baseline"]
+    if "before" in table:
+        references["before"] = table["before"]
     if any(SEED_RECEIVER[c[1]] in table for c in columns):
         references["seed receiver"] = [table.get(SEED_RECEIVER[c[1]], [None] * len(columns))[i]
                                        for i, c in enumerate(columns)]
@@ -206,6 +214,8 @@ def print_table(table: dict[str, list[Cell]], columns: list[tuple[str, str, bool
         if name == "baseline" or name in SEED_ANSWER:
             continue
         for label, reference in references.items():
+            if label == name:
+                continue
             print(ratio_row(f"{name} / {label}", cells, reference))
     if "ingestd" not in table:
         return
@@ -252,6 +262,8 @@ def main() -> None:
                         help="ingestd worker processes, pinned to cores 0..N-1")
     parser.add_argument("--wrk-core", default="1")
     parser.add_argument("--data-root", default=None, help="where ingestd stores during runs")
+    parser.add_argument("--before-tree", type=Path, default=None,
+                        help="checkout the 'before' server runs ingestd from")
     parser.add_argument("--only", choices=["wattmon", "json"], default=None)
     parser.add_argument("--servers", default="baseline,ingestd",
                         help="comma-separated, of: " + "; ".join(
@@ -260,6 +272,8 @@ def main() -> None:
     names = args.servers.split(",")
     if unknown := set(names) - SERVERS.keys():
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    if "before" in names and args.before_tree is None:
+        parser.error("--servers before needs --before-tree")
     if "ceiling" in names and args.workers != 1:
         parser.error("the ceiling server runs in one process: use --workers 1")
     if not (BODIES / "wattmon.txt").exists():
