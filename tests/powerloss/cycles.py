@@ -41,6 +41,10 @@ CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=20)
 # Files are made this much older at each cut (the power stays off a while),
 # so housekeeping finds settled closed files to gzip in the next cycle.
 OUTAGE_SECS = 120
+# Resends of answered records are drawn from each sender's most recent ones:
+# a resend is recognised among a device's last storage.dedup_window_blocks
+# (1000) records only, and a long run sends more than that.
+RESEND_WITHIN = 500
 
 
 class Ingestd:
@@ -258,13 +262,15 @@ class Cycles:
         for device in self.devices:
             if device.pending is not None:
                 sends.append((device, device.pending))
-            for seq in self.rng.sample(sorted(device.acked), k=min(2, len(device.acked))):
+            recent = sorted(device.acked)[-RESEND_WITHIN:]
+            for seq in self.rng.sample(recent, k=min(2, len(recent))):
                 sends.append((device, device.blocks[seq]))
         docs = []
         for stream in self.streams:
             if stream.pending is not None:
                 docs.append((stream, stream.pending))
-            for n in self.rng.sample(sorted(stream.acked), k=min(2, len(stream.acked))):
+            recent_docs = sorted(stream.acked)[-RESEND_WITHIN:]
+            for n in self.rng.sample(recent_docs, k=min(2, len(recent_docs))):
                 docs.append((stream, n))
 
         async def block(device: Device, b: Block) -> None:
