@@ -33,11 +33,11 @@ from ingestd.metrics import Metrics
 from ingestd.pipeline import Pipeline
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.records import Quarantined, Record
-from ingestd.sinks.file import FileSink
-from ingestd.sinks.housekeeping import Retention, sweep
+from ingestd.sinks.file.housekeeping import Retention, sweep
+from ingestd.sinks.file.sink import FileSink
 
 if TYPE_CHECKING:
-    from ingestd.sinks.jetstream import JetStreamSink
+    from ingestd.sinks.jetstream.sink import JetStreamSink
 
 log = logging.getLogger("ingestd.http")
 
@@ -190,7 +190,8 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     routes = {wattmon.PROTOCOL: config.wattmon.sink, jsonpost.PROTOCOL: config.json.sink}
     if any(route != "file" for route in routes.values()):
         # Imported here: nats-py is needed only when a route uses JetStream.
-        from ingestd.sinks.jetstream import Fanout, JetStreamSink
+        from ingestd.sinks.jetstream.fanout import Fanout
+        from ingestd.sinks.jetstream.sink import JetStreamSink
 
         jetstream = JetStreamSink(config.jetstream, max_pending=config.storage.batch_max_records)
         try:

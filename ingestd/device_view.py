@@ -39,8 +39,8 @@ from ingestd.devices import DeviceStats
 from ingestd.errors import BadDeviceKey, IngestError
 from ingestd.protocols import wattmon
 from ingestd.record_formats import CONTENT_TYPES, FORMATS, as_csv, as_json, as_ndjson, cells
-from ingestd.sinks import reader
-from ingestd.sinks.reader import StoredFile, UnknownDevice
+from ingestd.sinks.file import reader
+from ingestd.sinks.file.reader import StoredFile, UnknownDevice
 
 log = logging.getLogger("ingestd.device_view")
 

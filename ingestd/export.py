@@ -45,8 +45,9 @@ from ingestd.config import (
 from ingestd.errors import IngestError
 from ingestd.logs import setup_logging
 from ingestd.records import Outcome, Quarantined, Record
-from ingestd.sinks import jetstream as js_sink
-from ingestd.sinks.file import FileSink
+from ingestd.sinks.file.sink import FileSink
+from ingestd.sinks.jetstream import codec
+from ingestd.sinks.jetstream import sink as js_sink
 
 log = logging.getLogger("ingestd.export")
 
@@ -84,7 +85,7 @@ class ExportSummary:
 
 def record_from(msg: Msg) -> Record | Quarantined:
     """The record a message carries; ValueError if it is not one of ours."""
-    return js_sink.record_from(msg.headers, msg.data)
+    return codec.record_from(msg.headers, msg.data)
 
 
 async def export(options: ExportOptions, stop: asyncio.Event | None = None) -> ExportSummary:

@@ -44,7 +44,7 @@ from ingestd.config import StatusConfig
 from ingestd.devices import DeviceRegistry, DeviceStats, scan_data_dir
 from ingestd.errors import IngestError
 from ingestd.protocols.jsonpost import rfc3339
-from ingestd.sinks.file import FileSink
+from ingestd.sinks.file.sink import FileSink
 
 log = logging.getLogger("ingestd.fleet")
 

@@ -26,7 +26,7 @@ from nats_server import NATS_SERVER, NatsServer
 from ingestd.app import JETSTREAM
 from ingestd.config import Config, ConfigError, JetStreamConfig, validate
 from ingestd.export import ExportOptions, export
-from ingestd.sinks.jetstream import escape_header, format_time, unescape_header
+from ingestd.sinks.jetstream.codec import escape_header, format_time, unescape_header
 
 pytestmark = pytest.mark.skipif(
     NATS_SERVER is None, reason="nats-server not installed (apt-get install nats-server)"

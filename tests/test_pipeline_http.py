@@ -10,7 +10,7 @@ import pytest
 from conftest import FORM, wattmon_form
 
 from ingestd.app import SINK
-from ingestd.sinks.wal import read_log
+from ingestd.sinks.file.wal import read_log
 
 
 @pytest.fixture
