@@ -17,7 +17,7 @@ from aiohttp import HttpVersion11, hdrs, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingestd import device_view, fleet
-from ingestd.access import RateLimiter, RoutePolicy, client_address, networks
+from ingestd.ingest.access import RateLimiter, RoutePolicy, client_address, networks
 from ingestd.config import (
     RELOADABLE,
     RESERVED_PATHS,
@@ -26,11 +26,11 @@ from ingestd.config import (
     is_reserved,
     keep_restart_only,
 )
-from ingestd.devices import DeviceRegistry
+from ingestd.ingest.devices import DeviceRegistry
 from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
 from ingestd.logs import Throttle, setup_logging
-from ingestd.metrics import Metrics
-from ingestd.pipeline import Pipeline
+from ingestd.ingest.metrics import Metrics
+from ingestd.ingest.pipeline import Pipeline
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.records import Quarantined, Record
 from ingestd.sinks.file.housekeeping import Retention, sweep

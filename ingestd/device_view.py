@@ -35,7 +35,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from ingestd import fleet, quarantine, series
-from ingestd.devices import DeviceStats
+from ingestd.ingest.devices import DeviceStats
 from ingestd.errors import BadDeviceKey, IngestError
 from ingestd.protocols import wattmon
 from ingestd.record_formats import CONTENT_TYPES, FORMATS, as_csv, as_json, as_ndjson, cells

@@ -39,9 +39,9 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from ingestd.access import RoutePolicy, client_address, networks
+from ingestd.ingest.access import RoutePolicy, client_address, networks
 from ingestd.config import StatusConfig
-from ingestd.devices import DeviceRegistry, DeviceStats, scan_data_dir
+from ingestd.ingest.devices import DeviceRegistry, DeviceStats, scan_data_dir
 from ingestd.errors import IngestError
 from ingestd.protocols.jsonpost import rfc3339
 from ingestd.sinks.file.sink import FileSink

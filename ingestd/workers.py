@@ -55,8 +55,8 @@ from ingestd.config import Config, ConfigError
 from ingestd.errors import IngestError, StorageFailed
 from ingestd.fastpath import make_runner
 from ingestd.logs import Throttle
-from ingestd.metrics import Metrics
-from ingestd.pipeline import Item, Pipeline
+from ingestd.ingest.metrics import Metrics
+from ingestd.ingest.pipeline import Item, Pipeline
 from ingestd.records import Outcome
 
 log = logging.getLogger("ingestd.workers")

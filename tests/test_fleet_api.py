@@ -16,7 +16,7 @@ from conftest import FORM, make_config, wattmon_form
 
 from ingestd.app import CONFIG
 from ingestd.config import Config, validate
-from ingestd.devices import DeviceRegistry, DeviceStats, scan_data_dir
+from ingestd.ingest.devices import DeviceRegistry, DeviceStats, scan_data_dir
 from ingestd.fleet import parse_duration
 from ingestd.records import Outcome, Record
 
@@ -324,7 +324,7 @@ def test_live_state_wins_over_the_scan():
 
 
 def scan_entry(mac: str, *, first: float, last: float, quarantined: int):
-    from ingestd.devices import ScannedDevice
+    from ingestd.ingest.devices import ScannedDevice
 
     return ScannedDevice("wattmon", mac, first, last, f"wattmon/{mac}/2026-11-20.csv", quarantined)
 

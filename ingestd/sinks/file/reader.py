@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ingestd.devices import ID_PATTERNS, PROTOCOL_DIRS
+from ingestd.ingest.devices import ID_PATTERNS, PROTOCOL_DIRS
 from ingestd.sinks.file.rotation import parse_file_name
 
 READ_BYTES = 1024 * 1024
