@@ -28,7 +28,7 @@ from ingestd.config import (
 )
 from ingestd.ingest.devices import DeviceRegistry
 from ingestd.errors import BodyTooLarge, Forbidden, IngestError, RequestTimeout
-from ingestd.logs import Throttle, setup_logging
+from ingestd.runtime.logs import Throttle, setup_logging
 from ingestd.ingest.metrics import Metrics
 from ingestd.ingest.pipeline import Pipeline
 from ingestd.protocols import jsonpost, wattmon

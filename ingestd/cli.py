@@ -10,10 +10,10 @@ import uvloop
 
 from ingestd import __version__
 from ingestd.config import Config, ConfigError, load_config, with_overrides
-from ingestd.daemon import Daemon
+from ingestd.runtime.daemon import Daemon
 from ingestd.export import add_arguments as add_export_arguments
 from ingestd.export import command as run_export
-from ingestd.logs import setup_logging
+from ingestd.runtime.logs import setup_logging
 from ingestd.quarantine import add_arguments as add_quarantine_arguments
 from ingestd.quarantine import command as run_quarantine
 from ingestd.simulate import add_arguments as add_simulate_arguments

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from ingestd.errors import BadDeviceKey
 from ingestd.protocols.wattmon import normalise_mac
-from ingestd.tls import server_context
+from ingestd.runtime.tls import server_context
 
 MiB = 1024 * 1024
 

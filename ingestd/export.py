@@ -43,7 +43,7 @@ from ingestd.config import (
     load_config,
 )
 from ingestd.errors import IngestError
-from ingestd.logs import setup_logging
+from ingestd.runtime.logs import setup_logging
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.sinks.file.sink import FileSink
 from ingestd.sinks.jetstream import codec

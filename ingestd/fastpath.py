@@ -51,7 +51,7 @@ from ingestd.app import (
 from ingestd.config import ServerConfig, is_reserved
 from ingestd.errors import IngestError, RequestTimeout
 from ingestd.http1 import HEAD_END, RequestHead, parse_head
-from ingestd.logs import Throttle
+from ingestd.runtime.logs import Throttle
 from ingestd.protocols import wattmon
 from ingestd.records import Outcome
 

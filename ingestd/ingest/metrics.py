@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ingestd.ingest.devices import PROTOCOL_DIRS, DeviceRegistry
-from ingestd.logs import DroppingQueueHandler
+from ingestd.runtime.logs import DroppingQueueHandler
 from ingestd.ingest.pipeline import Pipeline
 
 RequestTally = Counter[tuple[str, str]]  # (protocol, outcome) -> requests

@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 from ingestd.config import StorageConfig
 from ingestd.errors import IngestError, StorageFailed
-from ingestd.logs import Throttle
+from ingestd.runtime.logs import Throttle
 from ingestd.protocols.jsonpost import rfc3339
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.sinks.file.device import (
