@@ -34,13 +34,14 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from ingestd import fleet, quarantine, series
-from ingestd.ingest.devices import DeviceStats
+from ingestd import fleet, series
 from ingestd.errors import BadDeviceKey, IngestError
+from ingestd.ingest.devices import DeviceStats
 from ingestd.protocols import wattmon
 from ingestd.record_formats import CONTENT_TYPES, FORMATS, as_csv, as_json, as_ndjson, cells
 from ingestd.sinks.file import reader
 from ingestd.sinks.file.reader import StoredFile, UnknownDevice
+from ingestd.tools import quarantine
 
 log = logging.getLogger("ingestd.device_view")
 

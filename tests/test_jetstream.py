@@ -25,7 +25,7 @@ from nats_server import NATS_SERVER, NatsServer
 
 from ingestd.app import JETSTREAM
 from ingestd.config import Config, ConfigError, JetStreamConfig, validate
-from ingestd.export import ExportOptions, export
+from ingestd.tools.export import ExportOptions, export
 from ingestd.sinks.jetstream.codec import escape_header, format_time, unescape_header
 
 pytestmark = pytest.mark.skipif(
@@ -492,10 +492,10 @@ def test_bad_jetstream_settings_are_refused(settings):
 
 
 def test_export_exits_nonzero_without_a_server(tmp_path):
-    """`python -m ingestd.export` against nothing: a clear error, exit 1."""
+    """`python -m ingestd.tools.export` against nothing: a clear error, exit 1."""
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "ingestd.export", "--servers", "nats://127.0.0.1:1",
+        [sys.executable, "-m", "ingestd.tools.export", "--servers", "nats://127.0.0.1:1",
          "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=60, check=False,
     )

@@ -1,4 +1,4 @@
-"""Read the JetStream stream back into the file layout: `python -m ingestd.export`.
+"""Read the JetStream stream back into the file layout: `python -m ingestd.tools.export`.
 
 Each message becomes the record ingestd received, written by the file sink
 itself, so a central box gets the same files a single collector with
@@ -43,8 +43,8 @@ from ingestd.config import (
     load_config,
 )
 from ingestd.errors import IngestError
-from ingestd.runtime.logs import setup_logging
 from ingestd.records import Outcome, Quarantined, Record
+from ingestd.runtime.logs import setup_logging
 from ingestd.sinks.file.sink import FileSink
 from ingestd.sinks.jetstream import codec
 from ingestd.sinks.jetstream import sink as js_sink
