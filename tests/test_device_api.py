@@ -17,7 +17,7 @@ from conftest import FORM, make_config, wattmon_form
 
 from ingestd.cli import main as cli_main
 from ingestd.config import Config, validate
-from ingestd.downsample import min_max
+from ingestd.http.downsample import min_max
 from ingestd.sinks.file import reader
 from ingestd.sinks.file.housekeeping import compress_file
 from ingestd.tools import quarantine

@@ -23,10 +23,10 @@ from aiohttp.test_utils import TestClient
 from conftest import FORM, make_config, wattmon_form
 from nats_server import NATS_SERVER, NatsServer
 
-from ingestd.app import JETSTREAM
 from ingestd.config import Config, ConfigError, JetStreamConfig, validate
-from ingestd.tools.export import ExportOptions, export
+from ingestd.http.keys import JETSTREAM
 from ingestd.sinks.jetstream.codec import escape_header, format_time, unescape_header
+from ingestd.tools.export import ExportOptions, export
 
 pytestmark = pytest.mark.skipif(
     NATS_SERVER is None, reason="nats-server not installed (apt-get install nats-server)"

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import FORM, wattmon_form
 
-from ingestd.app import SINK
+from ingestd.http.keys import SINK
 from ingestd.sinks.file.wal import read_log
 
 

@@ -18,8 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ingestd.ingest.devices import PROTOCOL_DIRS, DeviceRegistry
-from ingestd.runtime.logs import DroppingQueueHandler
 from ingestd.ingest.pipeline import Pipeline
+from ingestd.runtime.logs import DroppingQueueHandler
 
 RequestTally = Counter[tuple[str, str]]  # (protocol, outcome) -> requests
 

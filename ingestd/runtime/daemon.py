@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ingestd.app import DEVICES, PIPELINE, SINK, make_app, reload_config
 from ingestd.config import Config, ConfigError, parse_listen
-from ingestd.fastpath import make_runner
+from ingestd.http.app import make_app, reload_config
+from ingestd.http.fastpath import make_runner
+from ingestd.http.keys import DEVICES, PIPELINE, SINK
 from ingestd.runtime.lifecycle import drain, raise_open_file_limit
 from ingestd.runtime.logs import flush_logs
 from ingestd.runtime.supervisor import WorkerError, WorkerPool, bind

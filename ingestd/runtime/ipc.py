@@ -18,8 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ingestd.app import DEVICES, METRICS, PIPELINE
 from ingestd.errors import IngestError, StorageFailed
+from ingestd.http.keys import DEVICES, METRICS, PIPELINE
 from ingestd.ingest.pipeline import Item
 from ingestd.records import Outcome
 

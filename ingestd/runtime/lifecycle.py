@@ -10,7 +10,7 @@ import resource
 
 from aiohttp import web
 
-from ingestd.app import IN_FLIGHT
+from ingestd.http.keys import IN_FLIGHT
 
 # The daemon's logger: a drain logs as it did when it lived in daemon.py.
 log = logging.getLogger("ingestd")

@@ -30,9 +30,17 @@ from pathlib import Path
 import aiohttp
 from aiohttp import hdrs, web
 
-from ingestd import device_view
-from ingestd.app import (
+from ingestd.config import Config, ConfigError
+from ingestd.http import device_view
+from ingestd.http.fastpath import make_runner
+from ingestd.http.handlers import (
     CLIENT_HEADER,
+    STATE_PATHS,
+    add_device_route,
+    error_middleware,
+    expect_continue,
+)
+from ingestd.http.keys import (
     CLOCK,
     CONFIG,
     IN_FLIGHT,
@@ -40,15 +48,8 @@ from ingestd.app import (
     METRICS,
     PIPELINE,
     REPORT_ERROR,
-    STATE_PATHS,
-    InFlight,
-    LiveConfig,
-    add_device_route,
-    error_middleware,
-    expect_continue,
 )
-from ingestd.config import Config, ConfigError
-from ingestd.fastpath import make_runner
+from ingestd.ingest.live import InFlight, LiveConfig
 from ingestd.ingest.metrics import Metrics
 from ingestd.ingest.pipeline import Pipeline
 from ingestd.runtime.ipc import CONTROL_SOCKET, STORAGE_SOCKET, RemoteStorage
@@ -178,7 +179,7 @@ async def run_worker(
     config: Config, load: Callable[[], Config], worker_id: int, fds: list[int], runtime: Path
 ) -> int:
     """One worker: serve the inherited sockets until SIGTERM, then drain."""
-    from ingestd.app import reload_config
+    from ingestd.http.app import reload_config
     from ingestd.runtime.tls import reload_certificate, server_context
 
     raise_open_file_limit()
