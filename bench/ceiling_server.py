@@ -16,7 +16,7 @@ import sys
 
 from ingestd.cli import main
 from ingestd.records import Outcome
-from ingestd.sinks.file import FileSink
+from ingestd.sinks.file.sink import FileSink
 
 
 async def commit_nothing(self: FileSink, items: list[object]) -> list[Outcome]:

@@ -30,8 +30,8 @@ from common import start_ingestd, stop_ingestd
 
 from ingestd.config import StorageConfig
 from ingestd.records import Record
-from ingestd.sinks.file import FileSink
-from ingestd.sinks.housekeeping import compress_file
+from ingestd.sinks.file.housekeeping import compress_file
+from ingestd.sinks.file.sink import FileSink
 
 MAC = "0250c2000001"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ingestd.config import StorageConfig
 from ingestd.records import Record
-from ingestd.sinks.file import FileSink
+from ingestd.sinks.file.sink import FileSink
 
 HEADER = b"Time,V1,V2,V3,V4,V5,V6,V7,V8,V9,V10\n"
 

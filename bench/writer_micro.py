@@ -40,8 +40,8 @@ from pathlib import Path
 from ingestd.config import StorageConfig
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.records import Outcome, Quarantined, Record
-from ingestd.sinks.device import KEYS_NAME
-from ingestd.sinks.file import FileSink
+from ingestd.sinks.file.device import KEYS_NAME
+from ingestd.sinks.file.sink import FileSink
 
 BODIES = Path(__file__).parent / "results" / "bodies"
 WARM_UP = {"wattmon": 1000, "json": 100}  # distinct devices in the bodies

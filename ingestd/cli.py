@@ -10,17 +10,16 @@ import uvloop
 
 from ingestd import __version__
 from ingestd.config import Config, ConfigError, load_config, with_overrides
-from ingestd.daemon import Daemon
-from ingestd.export import add_arguments as add_export_arguments
-from ingestd.export import command as run_export
-from ingestd.logs import setup_logging
-from ingestd.quarantine import add_arguments as add_quarantine_arguments
-from ingestd.quarantine import command as run_quarantine
-from ingestd.simulate import add_arguments as add_simulate_arguments
-from ingestd.simulate import run as run_simulation
+from ingestd.runtime.daemon import Daemon
+from ingestd.runtime.logs import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # The tools are imported only when chosen: `ingestd serve` need not load
+    # nats-py (export) nor the simulator. The top level takes no option with a
+    # value, so the first word that is not an option is the command.
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = argparse.ArgumentParser(
         prog="ingestd", description="Durable HTTP receiver for device telemetry."
     )
@@ -38,28 +37,43 @@ def main(argv: list[str] | None = None) -> int:
         description="Emulate a fleet of Wattmon loggers or JSON pushers posting to URL, "
         "with optional faults, and print a summary.",
     )
-    add_simulate_arguments(simulate)
+    if chosen == "simulate":
+        from ingestd.tools.simulate import add_arguments as add_simulate_arguments
+
+        add_simulate_arguments(simulate)
     export = commands.add_parser(
         "export",
         help="rebuild the per-device files from the JetStream stream",
         description="Read ingestd's JetStream stream back and write the per-device files "
         "under --out, as the file sink would.",
     )
-    add_export_arguments(export)
+    if chosen == "export":
+        from ingestd.tools.export import add_arguments as add_export_arguments
+
+        add_export_arguments(export)
     quarantined = commands.add_parser(
         "quarantine",
         help="list quarantined Wattmon blocks, or post one again once fixed",
     )
-    add_quarantine_arguments(quarantined)
+    if chosen == "quarantine":
+        from ingestd.tools.quarantine import add_arguments as add_quarantine_arguments
+
+        add_quarantine_arguments(quarantined)
     args = parser.parse_args(argv)
 
     if args.command == "quarantine":
+        from ingestd.tools.quarantine import command as run_quarantine
+
         return run_quarantine(args)
 
     if args.command == "export":
+        from ingestd.tools.export import command as run_export
+
         return run_export(args)
 
     if args.command == "simulate":
+        from ingestd.tools.simulate import run as run_simulation
+
         return run_simulation(args)
 
     if args.command == "check-config":

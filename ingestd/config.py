@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from ingestd.errors import BadDeviceKey
 from ingestd.protocols.wattmon import normalise_mac
-from ingestd.tls import server_context
+from ingestd.runtime.tls import server_context
 
 MiB = 1024 * 1024
 
@@ -418,7 +418,7 @@ def _jetstream(js: JetStreamConfig, *, used: bool) -> None:
 # The daemon's own paths, never a device's: a POST to one gets 405, and a
 # path under the prefix (room for more of the daemon's API) is never a stream.
 RESERVED_PATHS = ("/healthz", "/metrics", "/", "/status", "/api/devices")
-# The daemon's own API, and one device's page (ingestd.device_view).
+# The daemon's own API, and one device's page (ingestd.http.device_view).
 RESERVED_PREFIXES = ("/api/", "/devices/")
 
 

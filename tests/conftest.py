@@ -13,9 +13,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from blockbuster import BlockBuster, blockbuster_ctx
 
-from ingestd.app import CONFIG, make_app
 from ingestd.config import Config, StorageConfig, validate
-from ingestd.fastpath import IngestRunner, make_runner
+from ingestd.http.app import make_app
+from ingestd.http.fastpath import IngestRunner, make_runner
+from ingestd.http.keys import CONFIG
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +60,7 @@ def make_config(
 
 class FastTestServer(TestServer):
     """aiohttp's test server with the daemon's runner, built from the app's
-    server settings: device posts take the fast path (ingestd.fastpath),
+    server settings: device posts take the fast path (ingestd.http.fastpath),
     everything else aiohttp's, as in production."""
 
     async def _make_runner(self, **kwargs: Any) -> IngestRunner:

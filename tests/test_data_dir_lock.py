@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from daemon import DaemonProcess, write_config
 
-from ingestd.sinks.lock import LOCK_NAME, DataDirLock, DataDirLocked
+from ingestd.sinks.file.lock import LOCK_NAME, DataDirLock, DataDirLocked
 
 HEADER = "Time,Value"
 

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from conftest import FORM, make_config, wattmon_form
 
-from ingestd import quarantine
 from ingestd.cli import main as cli_main
 from ingestd.config import Config, validate
-from ingestd.downsample import min_max
-from ingestd.sinks import reader
-from ingestd.sinks.housekeeping import compress_file
+from ingestd.http.downsample import min_max
+from ingestd.sinks.file import reader
+from ingestd.sinks.file.housekeeping import compress_file
+from ingestd.tools import quarantine
 
 T0 = 1_795_248_000.0  # the FakeClock's start: 2026-11-21T08:00:00Z
 DAY = 86400.0

@@ -19,7 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 from test_status_page import CHROMEDRIVER, CHROMIUM, post_block, wait
 
-from ingestd.sinks.housekeeping import compress_file
+from ingestd.sinks.file.housekeeping import compress_file
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),

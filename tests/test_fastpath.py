@@ -1,4 +1,4 @@
-"""The fast path (ingestd.fastpath) against a real server on an ephemeral port.
+"""The fast path (ingestd.http.fastpath) against a real server on an ephemeral port.
 
 Raw sockets, so the tests choose the exact bytes and see every answer on the
 connection. The `Server` header tells which path answered: `ingestd` for the
@@ -19,7 +19,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from conftest import FastTestServer, make_config, wattmon_form
 
-from ingestd.app import IN_FLIGHT, make_app
+from ingestd.http.app import make_app
+from ingestd.http.keys import IN_FLIGHT
 
 MAC = "00:1A:2b:3c:4D:5e"
 DEVICE = "001a2b3c4d5e"

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from conftest import FORM, make_config, wattmon_form
 
-from ingestd.app import CONFIG
 from ingestd.config import Config, validate
-from ingestd.devices import DeviceRegistry, DeviceStats, scan_data_dir
-from ingestd.fleet import parse_duration
+from ingestd.http.fleet import parse_duration
+from ingestd.http.keys import CONFIG
+from ingestd.ingest.devices import DeviceRegistry, DeviceStats, scan_data_dir
 from ingestd.records import Outcome, Record
 
 T0 = 1_795_248_000.0  # the FakeClock's start: 2026-11-21T08:00:00Z
@@ -324,7 +324,7 @@ def test_live_state_wins_over_the_scan():
 
 
 def scan_entry(mac: str, *, first: float, last: float, quarantined: int):
-    from ingestd.devices import ScannedDevice
+    from ingestd.ingest.devices import ScannedDevice
 
     return ScannedDevice("wattmon", mac, first, last, f"wattmon/{mac}/2026-11-20.csv", quarantined)
 
@@ -445,7 +445,7 @@ def test_memory_per_device():
 
 async def test_a_large_fleet_is_listed_whole(client):
     """Encoded in chunks: the document is still one valid list."""
-    from ingestd.app import DEVICES
+    from ingestd.http.keys import DEVICES
 
     registry = client.server.app[DEVICES]
     for i in range(2500):
@@ -459,7 +459,7 @@ async def test_a_large_fleet_is_listed_whole(client):
 
 
 def test_timestamps_match_rfc3339():
-    from ingestd.fleet import timestamp
+    from ingestd.http.fleet import timestamp
     from ingestd.protocols.jsonpost import rfc3339
 
     for ts in (0.0, T0, T0 + 59.999, T0 + 86399.5, 4_102_444_799.001):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import FORM, wattmon_form
 
-from ingestd.sinks.device import FIRST_SEEN_NAME
+from ingestd.sinks.file.device import FIRST_SEEN_NAME
 
 MAC = "001122334455"
 BLOCK = "Time,V\n2026-11-21 08:00:00,1\n"

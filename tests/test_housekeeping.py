@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import FORM, wattmon_form
 
-from ingestd.sinks.housekeeping import Retention, sweep
+from ingestd.sinks.file.housekeeping import Retention, sweep
 
 KEEP_ALL = Retention(compress=True, max_age_days=0, max_total_bytes=0)
 

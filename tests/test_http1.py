@@ -1,4 +1,4 @@
-"""ingestd.http1.parse_head: the strict reader of the small-POST request head.
+"""ingestd.http.http1.parse_head: the strict reader of the small-POST request head.
 
 It may refuse (None: aiohttp answers the request) whatever it likes; what it
 accepts, it must read exactly as aiohttp would. Unit tests pin the accepted
@@ -18,7 +18,7 @@ from aiohttp import http_parser
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ingestd.http1 import RequestHead, parse_head
+from ingestd.http.http1 import RequestHead, parse_head
 
 HOST = b"Host: collector"
 PARSERS: dict[str, Any] = {"py": http_parser.HttpRequestParserPy}

@@ -23,10 +23,10 @@ from aiohttp.test_utils import TestClient
 from conftest import FORM, make_config, wattmon_form
 from nats_server import NATS_SERVER, NatsServer
 
-from ingestd.app import JETSTREAM
 from ingestd.config import Config, ConfigError, JetStreamConfig, validate
-from ingestd.export import ExportOptions, export
-from ingestd.sinks.jetstream import escape_header, format_time, unescape_header
+from ingestd.http.keys import JETSTREAM
+from ingestd.sinks.jetstream.codec import escape_header, format_time, unescape_header
+from ingestd.tools.export import ExportOptions, export
 
 pytestmark = pytest.mark.skipif(
     NATS_SERVER is None, reason="nats-server not installed (apt-get install nats-server)"
@@ -492,10 +492,10 @@ def test_bad_jetstream_settings_are_refused(settings):
 
 
 def test_export_exits_nonzero_without_a_server(tmp_path):
-    """`python -m ingestd.export` against nothing: a clear error, exit 1."""
+    """`python -m ingestd.tools.export` against nothing: a clear error, exit 1."""
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "ingestd.export", "--servers", "nats://127.0.0.1:1",
+        [sys.executable, "-m", "ingestd.tools.export", "--servers", "nats://127.0.0.1:1",
          "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=60, check=False,
     )

@@ -6,7 +6,7 @@ import logging
 
 from conftest import FORM, wattmon_form
 
-from ingestd.logs import Throttle
+from ingestd.runtime.logs import Throttle
 
 
 def test_throttle_lets_a_burst_through_then_counts_what_it_held_back():

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 from conftest import FORM, wattmon_form
 
-from ingestd.app import SINK
-from ingestd.sinks.wal import read_log
+from ingestd.http.keys import SINK
+from ingestd.sinks.file.wal import read_log
 
 
 @pytest.fixture

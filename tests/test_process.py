@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 
 import ingestd
-from ingestd.sinks.wal import read_log
+from ingestd.sinks.file.wal import read_log
 
 DAEMON = (sys.executable, "-m", "ingestd")
 # The daemon must not think systemd started it, whatever runs the tests.

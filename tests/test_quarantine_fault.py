@@ -8,8 +8,8 @@ import hashlib
 from ingestd.config import StorageConfig
 from ingestd.errors import StorageFailed
 from ingestd.records import Outcome, Quarantined, Record
-from ingestd.sinks.file import FileSink
-from ingestd.sinks.wal import read_log
+from ingestd.sinks.file.sink import FileSink
+from ingestd.sinks.file.wal import read_log
 
 HEADER = b"Time,V\n"
 DEVICE = "001122334455"

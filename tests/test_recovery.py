@@ -16,9 +16,9 @@ from conftest import make_config
 
 from ingestd.protocols.wattmon import split_block
 from ingestd.records import Outcome, Record
-from ingestd.sinks.file import FileSink
-from ingestd.sinks.housekeeping import compress_file
-from ingestd.sinks.wal import WAL_NAME, Frame, decode_frames, read_log
+from ingestd.sinks.file.housekeeping import compress_file
+from ingestd.sinks.file.sink import FileSink
+from ingestd.sinks.file.wal import WAL_NAME, Frame, decode_frames, read_log
 
 T0 = 1_795_248_000.0
 MAC = "001122334455"

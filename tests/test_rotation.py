@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from conftest import FORM, wattmon_form
 
-from ingestd.sinks.rotation import (
+from ingestd.sinks.file.rotation import (
     FileName,
     OpenFile,
     file_name,

@@ -20,7 +20,7 @@ from conftest import FORM, make_config, wattmon_form
 from daemon import DaemonProcess, write_config
 from multidict import CIMultiDict
 
-from ingestd.access import RateLimiter
+from ingestd.ingest.access import RateLimiter
 from ingestd.config import Config, JsonConfig, load_config, validate
 
 TOKEN = "tok-9f8e7d6c5b4a"

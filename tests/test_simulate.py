@@ -26,7 +26,7 @@ import pytest
 from daemon import DaemonProcess
 
 from ingestd.cli import main
-from ingestd.simulate import HEADER, Options, add_arguments, device_numbers, mac_of, parse_duration
+from ingestd.tools.simulate import HEADER, Options, add_arguments, device_numbers, mac_of, parse_duration
 
 SIMULATE = (sys.executable, "-m", "ingestd", "simulate")
 FAST_RETRY = ("--backoff-base", "0.05", "--backoff-cap", "0.5")

@@ -26,7 +26,7 @@ from test_jetstream import (
 )
 
 from ingestd.config import Config
-from ingestd.export import ExportOptions, export
+from ingestd.tools.export import ExportOptions, export
 
 pytestmark = pytest.mark.skipif(
     NATS_SERVER is None, reason="nats-server not installed (apt-get install nats-server)"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.sinks.dedup import FILTER_AFTER_ADDS, FILTER_FROM, DedupWindow, parse_key_lines
-from ingestd.sinks.device import KEYS_NAME, DeviceFiles, Settings
+from ingestd.sinks.file.dedup import FILTER_AFTER_ADDS, FILTER_FROM, DedupWindow, parse_key_lines
+from ingestd.sinks.file.device import KEYS_NAME, DeviceFiles, Settings
 
 
 class PlainWindow:

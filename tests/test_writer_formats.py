@@ -13,10 +13,10 @@ import pytest
 from ingestd.config import StorageConfig
 from ingestd.errors import StorageFailed
 from ingestd.records import Outcome, Record
-from ingestd.sinks.device import KEYS_NAME, DeviceFiles, Settings
-from ingestd.sinks.file import FileSink
-from ingestd.sinks.rotation import FileName, OpenFile, next_file, period_of
-from ingestd.sinks.wal import WAL_NAME, Frame, WriteAheadLog, read_log
+from ingestd.sinks.file.device import KEYS_NAME, DeviceFiles, Settings
+from ingestd.sinks.file.rotation import FileName, OpenFile, next_file, period_of
+from ingestd.sinks.file.sink import FileSink
+from ingestd.sinks.file.wal import WAL_NAME, Frame, WriteAheadLog, read_log
 
 T0 = 1_795_248_000.0  # 2026-11-21T08:00:00Z
 HEADER = b"Time,A\n"

@@ -26,7 +26,7 @@ from typing import Any
 from ingestd.errors import IngestError
 from ingestd.protocols import wattmon
 from ingestd.records import Quarantined
-from ingestd.sinks.reader import valid_id
+from ingestd.sinks.file.reader import valid_id
 
 PROTOCOL = "wattmon"
 REPLAYED = ".replayed"

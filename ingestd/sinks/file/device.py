@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ingestd.records import Record
-from ingestd.sinks.dedup import DedupWindow, key_bytes
-from ingestd.sinks.rotation import FileName, OpenFile, next_file, parse_file_name
-from ingestd.sinks.wal import write_all
+from ingestd.sinks.file.dedup import DedupWindow, key_bytes
+from ingestd.sinks.file.rotation import FileName, OpenFile, next_file, parse_file_name
+from ingestd.sinks.file.wal import write_all
 
 KEYS_NAME = ".ingestd-keys"
 # When the device's first block was stored ("seconds.millis\n", Unix time),

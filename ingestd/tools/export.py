@@ -1,4 +1,4 @@
-"""Read the JetStream stream back into the file layout: `python -m ingestd.export`.
+"""Read the JetStream stream back into the file layout: `python -m ingestd.tools.export`.
 
 Each message becomes the record ingestd received, written by the file sink
 itself, so a central box gets the same files a single collector with
@@ -43,10 +43,11 @@ from ingestd.config import (
     load_config,
 )
 from ingestd.errors import IngestError
-from ingestd.logs import setup_logging
 from ingestd.records import Outcome, Quarantined, Record
-from ingestd.sinks import jetstream as js_sink
-from ingestd.sinks.file import FileSink
+from ingestd.runtime.logs import setup_logging
+from ingestd.sinks.file.sink import FileSink
+from ingestd.sinks.jetstream import codec
+from ingestd.sinks.jetstream import sink as js_sink
 
 log = logging.getLogger("ingestd.export")
 
@@ -84,7 +85,7 @@ class ExportSummary:
 
 def record_from(msg: Msg) -> Record | Quarantined:
     """The record a message carries; ValueError if it is not one of ours."""
-    return js_sink.record_from(msg.headers, msg.data)
+    return codec.record_from(msg.headers, msg.data)
 
 
 async def export(options: ExportOptions, stop: asyncio.Event | None = None) -> ExportSummary:

@@ -39,12 +39,13 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from ingestd.access import RoutePolicy, client_address, networks
 from ingestd.config import StatusConfig
-from ingestd.devices import DeviceRegistry, DeviceStats, scan_data_dir
 from ingestd.errors import IngestError
+from ingestd.http.keys import CLOCK, CONFIG, DEVICES, SINK
+from ingestd.ingest.access import RoutePolicy, client_address, networks
+from ingestd.ingest.devices import DeviceRegistry, DeviceStats, scan_data_dir
 from ingestd.protocols.jsonpost import rfc3339
-from ingestd.sinks.file import FileSink
+from ingestd.sinks.file.sink import FileSink
 
 log = logging.getLogger("ingestd.fleet")
 
@@ -72,8 +73,6 @@ def _policy(status: StatusConfig) -> RoutePolicy:
 
 def check_access(request: web.Request) -> None:
     """404 when the fleet view is off; else 403/401 as on the device routes."""
-    from ingestd.app import CONFIG  # app.py imports this module
-
     live = request.app[CONFIG]
     status = live.current.status
     if not status.enabled:
@@ -131,7 +130,6 @@ class Query:
 
 
 async def api_devices(request: web.Request) -> web.Response:
-    from ingestd.app import CLOCK, DEVICES, SINK  # app.py imports this module
 
     check_access(request)
     query = Query.parse(request.query)
@@ -264,7 +262,7 @@ def _csp_hashes(html: str, tag: str) -> str:
 def load_page(name: str = "status.html") -> Page:
     """The page and its headers; its inline script and style are allowed by
     hash, nothing else (no other origin, no inline handlers)."""
-    html = resources.files("ingestd").joinpath(f"static/{name}").read_text("utf-8")
+    html = resources.files("ingestd.http").joinpath(f"static/{name}").read_text("utf-8")
     csp = (
         "default-src 'none'; "
         f"script-src {_csp_hashes(html, 'script')}; "
@@ -298,8 +296,6 @@ async def status_page(request: web.Request) -> web.Response:
 
 async def scan_ctx(app: web.Application) -> AsyncIterator[None]:
     """Learn the devices already on disk, in a thread, after start-up."""
-    from ingestd.app import CLOCK, CONFIG, DEVICES  # app.py imports this module
-
     registry = app[DEVICES]
     registry.started_at = app[CLOCK]()
     registry.scan = "running"

@@ -28,10 +28,10 @@ from typing import BinaryIO
 
 from ingestd.config import StorageConfig
 from ingestd.errors import IngestError, StorageFailed
+from ingestd.runtime.logs import Throttle
 from ingestd.protocols.jsonpost import rfc3339
 from ingestd.records import Outcome, Quarantined, Record
-from ingestd.logs import Throttle
-from ingestd.sinks.device import (
+from ingestd.sinks.file.device import (
     FILE_MODE,
     KEYS_NAME,
     DeviceFiles,
@@ -41,9 +41,9 @@ from ingestd.sinks.device import (
     make_dirs_durably,
     sync_paths,
 )
-from ingestd.sinks.lock import DataDirLock
-from ingestd.sinks.rotation import parse_file_name, period_of
-from ingestd.sinks.wal import WriteAheadLog, read_log
+from ingestd.sinks.file.lock import DataDirLock
+from ingestd.sinks.file.rotation import parse_file_name, period_of
+from ingestd.sinks.file.wal import WriteAheadLog, read_log
 
 log = logging.getLogger("ingestd.storage")
 

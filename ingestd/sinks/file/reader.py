@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ingestd.devices import ID_PATTERNS, PROTOCOL_DIRS
-from ingestd.sinks.rotation import parse_file_name
+from ingestd.ingest.devices import ID_PATTERNS, PROTOCOL_DIRS
+from ingestd.sinks.file.rotation import parse_file_name
 
 READ_BYTES = 1024 * 1024
 TAIL_BYTES = 64 * 1024  # enough for a device's last row

@@ -34,13 +34,15 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from ingestd import fleet, quarantine, series
-from ingestd.devices import DeviceStats
 from ingestd.errors import BadDeviceKey, IngestError
+from ingestd.http import fleet, series
+from ingestd.http.keys import CLOCK, CONFIG, DEVICES, METRICS, SINK
+from ingestd.http.record_formats import CONTENT_TYPES, FORMATS, as_csv, as_json, as_ndjson, cells
+from ingestd.ingest.devices import DeviceStats
 from ingestd.protocols import wattmon
-from ingestd.record_formats import CONTENT_TYPES, FORMATS, as_csv, as_json, as_ndjson, cells
-from ingestd.sinks import reader
-from ingestd.sinks.reader import StoredFile, UnknownDevice
+from ingestd.sinks.file import reader
+from ingestd.sinks.file.reader import StoredFile, UnknownDevice
+from ingestd.tools import quarantine
 
 log = logging.getLogger("ingestd.device_view")
 
@@ -70,8 +72,6 @@ class MixedHeaders(IngestError):
 
 def setup(app: web.Application) -> None:
     """Routes (before the device routes' catch-all) and the fleet gauges."""
-    from ingestd.app import CLOCK, CONFIG, DEVICES, METRICS  # app.py imports this module
-
     app.router.add_get("/api/devices/{id}", device_api)
     app.router.add_get("/api/devices/{id}/data", data_api)
     app.router.add_get("/api/devices/{id}/chart", chart_api)
@@ -111,8 +111,6 @@ def _on_disk(data_dir: Path, protocol: str, device_id: str) -> bool:
 
 async def resolve(request: web.Request) -> tuple[str, str]:
     """The device the path names, after the access checks; 400 or 404."""
-    from ingestd.app import DEVICES
-
     fleet.check_access(request)
     pairs = candidates(request.match_info["id"], request.query.get("protocol") or None)
     registry = request.app[DEVICES]
@@ -127,13 +125,11 @@ async def resolve(request: web.Request) -> tuple[str, str]:
 
 
 def _data_dir(request: web.Request) -> Path:
-    from ingestd.app import CONFIG
 
     return Path(request.app[CONFIG].current.data_dir)
 
 
 def _now(request: web.Request) -> float:
-    from ingestd.app import CLOCK
 
     return float(request.app[CLOCK]())
 
@@ -212,7 +208,6 @@ def describe_files(
 
 
 async def device_api(request: web.Request) -> web.Response:
-    from ingestd.app import CONFIG, DEVICES, SINK
 
     protocol, device_id = await resolve(request)
     now = _now(request)

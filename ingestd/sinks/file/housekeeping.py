@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingestd.sinks.device import FILE_MODE, fsync_dir
-from ingestd.sinks.rotation import parse_file_name
+from ingestd.sinks.file.device import FILE_MODE, fsync_dir
+from ingestd.sinks.file.rotation import parse_file_name
 
 log = logging.getLogger("ingestd.housekeeping")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ingestd.errors import IngestError
 from ingestd.records import Outcome, Quarantined, Record
-from ingestd.sinks.device import FIRST_SEEN_NAME, read_first_seen
-from ingestd.sinks.rotation import FileName, parse_file_name
+from ingestd.sinks.file.device import FIRST_SEEN_NAME, read_first_seen
+from ingestd.sinks.file.rotation import FileName, parse_file_name
 
 HOURS = 24  # hourly buckets of rows kept per device
 WINDOW_SECS = 60  # rows per minute: the last 60 one-second buckets, fleet-wide

@@ -1,6 +1,6 @@
 """The main process's side of worker mode: start, watch and stop workers.
 
-See ingestd/workers.py for what a worker does and why storage stays here.
+See ingestd/runtime/worker.py for what a worker does and why storage stays here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from ingestd.config import parse_listen
-from ingestd.workers import CONTROL_SOCKET, STORAGE_SOCKET, StorageServer
+from ingestd.runtime.ipc import CONTROL_SOCKET, STORAGE_SOCKET, StorageServer
 
 log = logging.getLogger("ingestd.supervisor")
 
@@ -75,7 +75,7 @@ class WorkerPool:
     async def _spawn(self, worker_id: int) -> None:
         self._ready[worker_id] = asyncio.Event()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ingestd.workers", *self._args,
+            sys.executable, "-m", "ingestd.runtime.worker", *self._args,
             "--worker-id", str(worker_id),
             "--runtime-dir", str(self._runtime),
             "--fds", ",".join(map(str, self._fds)),

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import resource
 import signal
 import ssl
 import time
@@ -14,13 +12,15 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ingestd.app import DEVICES, IN_FLIGHT, PIPELINE, SINK, make_app, reload_config
 from ingestd.config import Config, ConfigError, parse_listen
-from ingestd.fastpath import make_runner
-from ingestd.logs import flush_logs
-from ingestd.supervisor import WorkerError, WorkerPool, bind
-from ingestd.systemd import Notifier, listen_sockets
-from ingestd.tls import reload_certificate, server_context
+from ingestd.http.app import make_app, reload_config
+from ingestd.http.fastpath import make_runner
+from ingestd.http.keys import DEVICES, PIPELINE, SINK
+from ingestd.runtime.lifecycle import drain, raise_open_file_limit
+from ingestd.runtime.logs import flush_logs
+from ingestd.runtime.supervisor import WorkerError, WorkerPool, bind
+from ingestd.runtime.systemd import Notifier, listen_sockets
+from ingestd.runtime.tls import reload_certificate, server_context
 
 log = logging.getLogger("ingestd")
 
@@ -193,38 +193,6 @@ class Daemon:
         if last is None or now <= last[0]:
             return 0.0
         return (total - last[1]) / (now - last[0])
-
-
-def raise_open_file_limit() -> None:
-    """Every device connection and open device file is a descriptor: use the
-    hard limit (systemd's LimitNOFILE=), not the small default soft one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-async def drain(runner: web.AppRunner, app: web.Application, timeout: float) -> None:
-    """Stop accepting, then let requests in flight finish, bodies included.
-
-    aiohttp's own cleanup stops reading from open connections at once, so a
-    device whose body was still arriving would get no answer; wait for the
-    handlers first, within the shutdown timeout.
-    """
-    for site in list(runner.sites):
-        await site.stop()
-    in_flight = app[IN_FLIGHT]
-    if runner.server is not None:
-        for connection in runner.server.connections:
-            if connection not in in_flight.busy_connections:
-                connection.force_close()  # idle keep-alive: nothing to finish
-    if in_flight.count:
-        log.info("draining requests=%d", in_flight.count)
-        try:
-            async with asyncio.timeout(timeout):
-                await in_flight.wait_idle()
-        except TimeoutError:
-            log.warning("drain_timeout requests=%d: cancelling them", in_flight.count)
 
 
 def describe_error(exc: BaseException) -> str:

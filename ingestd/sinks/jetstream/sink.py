@@ -1,21 +1,6 @@
 """The NATS JetStream sink: each record published to a stream, OK on its ack.
 
-Subjects: `<prefix>.wattmon.<mac>`, `<prefix>.json.<stream>` (every `.` of a
-stream name becomes `_`, since `.` separates subject tokens; the exact name is
-in the `Ingestd-Device` header) and `<prefix>.quarantine.wattmon.<mac>` for
-blocks that passed MD5 but are not CSV.
-
-Body: exactly the bytes the file sink appends: the CSV rows of a Wattmon block
-(its header line is in `Ingestd-Csv-Header`), or the JSON Lines line of a JSON
-document (`{"received_at":...,"remote":...,"path":...,"body":<document>}`), or
-the raw block of a quarantined one. So a consumer can rebuild the files byte
-for byte (`python -m ingestd.export`).
-
-`Nats-Msg-Id` is `<protocol>:<device>:<key>`, the key being the block's MD5, the
-hash of a JSON post's Idempotency-Key, or else a hash of the stored JSON line
-(received time, remote, path, document): the server stores a resend of the
-same block or key once within the stream's duplicate window. A JSON post with
-no Idempotency-Key is a new document every time, as in the file sink.
+Framing of a record as a message: `ingestd.sinks.jetstream.codec`.
 
 A batch is published pipelined (every message in flight, then all acks
 awaited together, bounded by `publish_timeout_secs`); a record is answered OK
@@ -28,17 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
-import hashlib
 import json
 import logging
-import re
 import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-from urllib.parse import quote_from_bytes, unquote_to_bytes
+from typing import Any
 
 import nats
 import nats.errors
@@ -48,35 +29,11 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from ingestd.config import JetStreamConfig
-from ingestd.errors import (
-    BadDeviceKey,
-    BadStreamName,
-    BlockTooLarge,
-    IngestError,
-    Unavailable,
-)
-from ingestd.protocols.jsonpost import stream_name
-from ingestd.protocols.wattmon import normalise_mac
-from ingestd.records import Outcome, Quarantined, Record
-
-if TYPE_CHECKING:
-    from ingestd.sinks.file import FileSink
+from ingestd.errors import BlockTooLarge, Unavailable
+from ingestd.records import Outcome, Quarantined
+from ingestd.sinks.jetstream.codec import Item, Result, message, record_from, wire_size
 
 log = logging.getLogger("ingestd.jetstream")
-
-Item = Record | Quarantined
-Result = Outcome | IngestError
-
-# Message headers (besides Nats-Msg-Id and Nats-Expected-Stream).
-PROTOCOL = "Ingestd-Protocol"
-DEVICE = "Ingestd-Device"
-RECEIVED_AT = "Ingestd-Received-At"  # RFC 3339, microseconds, UTC
-KEY = "Ingestd-Key"  # 32 hex digits; the last part of Nats-Msg-Id
-COUNT = "Ingestd-Count"  # CSV rows, or 1
-CSV_HEADER = "Ingestd-Csv-Header"  # percent-escaped, see escape_header()
-REMOTE = "Ingestd-Remote"  # JSON only: what the line's "remote" holds
-PATH = "Ingestd-Path"  # JSON only
-QUARANTINED = "Ingestd-Quarantined"  # the reason, percent-escaped
 
 PROBE_INTERVAL_SECS = 1.0
 ERROR_LOG_INTERVAL_SECS = 60.0
@@ -88,144 +45,6 @@ class SinkUnavailable(Unavailable):
 
     code = "sink_unavailable"
     retry_after_secs = 5
-
-
-# -- messages ------------------------------------------------------------------------
-
-# Printable ASCII but `%` stays as is; anything else is %XX, so the value
-# survives any NATS client (which strip and may re-encode header values).
-_HEADER_SAFE = b"".join(bytes([c]) for c in range(0x20, 0x7F) if c != 0x25)
-
-
-def escape_header(raw: bytes) -> str:
-    """Bytes to a header value that `unquote_to_bytes` turns back into them."""
-    value = quote_from_bytes(raw, safe=_HEADER_SAFE)
-    if value[:1] == " " or value[-1:] == " ":  # clients strip header values
-        inner = value.strip(" ")
-        if not inner:
-            return "%20" * len(value)
-        lead = len(value) - len(value.lstrip(" "))
-        trail = len(value) - len(value.rstrip(" "))
-        value = "%20" * lead + inner + "%20" * trail
-    return value
-
-
-def unescape_header(value: str) -> bytes:
-    return unquote_to_bytes(value)
-
-
-def format_time(ts: float) -> str:
-    """Unix seconds to `2026-11-21T08:00:00.123456Z`, truncated, never rounded
-    up across a second (so never into the next rotation period)."""
-    micros = int(ts * 1_000_000)
-    whole, frac = divmod(micros, 1_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{frac:06d}Z"
-
-
-def subject_token(device_id: str) -> str:
-    return device_id.replace(".", "_")
-
-
-def line_key(line: bytes) -> str:
-    return hashlib.sha256(line).hexdigest()[:32]
-
-
-_DECODER = json.JSONDecoder()
-
-
-def json_line_meta(line: bytes) -> tuple[str, str] | None:
-    """The remote and path of a stored JSON line (they come before the body)."""
-    head = line[:4096].decode("utf-8", "ignore")
-    start = head.find(',"remote":')
-    if start < 0:
-        return None
-    try:
-        remote, end = _DECODER.raw_decode(head, start + len(',"remote":'))
-        if not head.startswith(',"path":', end):
-            return None
-        path, _ = _DECODER.raw_decode(head, end + len(',"path":'))
-    except ValueError:
-        return None
-    if not isinstance(remote, str) or not isinstance(path, str):
-        return None
-    return remote, path
-
-
-def message(item: Item, prefix: str) -> tuple[str, dict[str, str], bytes]:
-    """The subject, headers and body that carry one record."""
-    headers = {
-        PROTOCOL: item.protocol,
-        DEVICE: item.device_id,
-        RECEIVED_AT: format_time(item.received_at),
-    }
-    token = subject_token(item.device_id)
-    if isinstance(item, Quarantined):
-        key = item.dedup_key or line_key(item.raw)
-        headers[QUARANTINED] = escape_header(item.reason.encode("utf-8", "replace"))
-        headers[KEY] = key
-        headers["Nats-Msg-Id"] = f"quarantine:{item.protocol}:{item.device_id}:{key}"
-        return f"{prefix}.quarantine.{item.protocol}.{token}", headers, item.raw
-    key = item.dedup_key or line_key(item.payload)
-    headers[KEY] = key
-    headers[COUNT] = str(item.count)
-    headers["Nats-Msg-Id"] = f"{item.protocol}:{item.device_id}:{key}"
-    if item.header:
-        headers[CSV_HEADER] = escape_header(item.header.rstrip(b"\n"))
-    if item.protocol == "json":
-        meta = json_line_meta(item.payload)
-        if meta is not None:
-            headers[REMOTE] = escape_header(meta[0].encode("utf-8", "replace"))
-            headers[PATH] = escape_header(meta[1].encode("utf-8", "replace"))
-    return f"{prefix}.{item.protocol}.{token}", headers, item.payload
-
-
-_KEY = re.compile(r"[0-9a-f]{32}")
-
-
-def record_from(headers: Mapping[str, str] | None, body: bytes) -> Item:
-    """The record a stored message carries (`message()` read back): what
-    export writes, and what `both` writes for a resend the stream had.
-    ValueError if it is not one of ours."""
-    headers = headers or {}
-    protocol = headers.get(PROTOCOL)
-    device = headers.get(DEVICE, "")
-    if protocol not in ("wattmon", "json"):
-        raise ValueError(f"no {PROTOCOL} header")
-    try:
-        if protocol == "wattmon":
-            valid = normalise_mac(device.encode()) == device
-        else:
-            valid = stream_name("/" + device) == device
-    except (BadDeviceKey, BadStreamName):
-        valid = False
-    if not valid:  # it becomes a folder name: never trust it unchecked
-        raise ValueError("bad device id")
-    received = headers.get(RECEIVED_AT, "")
-    when = datetime.datetime.fromisoformat(received.replace("Z", "+00:00"))
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.UTC)
-    received_at = when.timestamp()
-    key = headers.get(KEY)
-    if key is not None and not _KEY.fullmatch(key):
-        key = None
-    if QUARANTINED in headers:
-        reason = unescape_header(headers[QUARANTINED]).decode("utf-8", "replace")
-        return Quarantined(protocol, device, received_at, body, reason, key)
-    header = b""
-    if CSV_HEADER in headers:
-        header = unescape_header(headers[CSV_HEADER])
-        if b"\n" in header or b"\r" in header:
-            raise ValueError("CSV header of more than one line")
-        header += b"\n"
-    count = int(headers.get(COUNT, "1"))
-    return Record(protocol, device, received_at, body, header, key, count)
-
-
-def wire_size(headers: Mapping[str, str], body: bytes, stream: str) -> int:
-    """What the server counts against max_payload: headers block and body."""
-    size = len(b"NATS/1.0\r\n\r\n") + len(body)
-    size += len("Nats-Expected-Stream: \r\n") + len(stream)
-    return size + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 # -- connection ------------------------------------------------------------------------
@@ -609,60 +428,3 @@ def _server(nc: NATS | None) -> str:
     return url.netloc if url is not None else "-"
 
 
-# -- routing -----------------------------------------------------------------------------
-
-
-class Fanout:
-    """Sends each record to the sinks its route names: `file`, `jetstream` or
-    `both`. One result per record.
-
-    `both` is JetStream first, then the file: a record goes to the file only
-    once JetStream acknowledged it, and is answered OK only once the file
-    stored it too. Refused by JetStream (down, hung, too large), it is in
-    neither; refused by the file after the ack, it is in the stream only,
-    and the device's resend is a duplicate there. A record JetStream already
-    had (a resend after a lost answer) goes to the file as the stream holds
-    it, received time and all, so files and stream agree (and export
-    rebuilds the files)."""
-
-    def __init__(self, file: FileSink, jetstream: JetStreamSink, routes: Mapping[str, str]) -> None:
-        self._file = file
-        self._jetstream = jetstream
-        self._routes = dict(routes)
-
-    async def commit(self, items: list[Item]) -> list[Result]:
-        routes = [self._routes.get(item.protocol, "file") for item in items]
-        to_js = [i for i, route in enumerate(routes) if route != "file"]
-        if not to_js:
-            return await self._file.commit(items)
-        if len(to_js) == len(items) and "both" not in routes:
-            return await self._jetstream.commit(items)
-        published, stored_at = await self._jetstream.publish([items[i] for i in to_js])
-        results: list[Result | None] = [None] * len(items)
-        for i, result in zip(to_js, published, strict=True):
-            results[i] = result
-        # To the file: its own routes' records, and `both`'s that the stream has.
-        to_file = [
-            i for i, route in enumerate(routes)
-            if route == "file" or (route == "both" and not isinstance(results[i], IngestError))
-        ]
-        if not to_file:
-            return [r if r is not None else SinkUnavailable("internal error") for r in results]
-        # A duplicate with a key of its own (MD5, Idempotency-Key) may differ
-        # from the stream's copy in its received time: store that copy. One
-        # without is new to the file whatever the stream says, as with
-        # `sink = "file"`.
-        copies = await self._jetstream.stored_copies({
-            i: (items[i], seq) for n, i in enumerate(to_js)
-            if routes[i] == "both" and items[i].dedup_key is not None
-            and (seq := stored_at.get(n)) is not None
-        })
-        file_results = await self._file.commit([copies.get(i, items[i]) for i in to_file])
-        for i, result in zip(to_file, file_results, strict=True):
-            # `both`: the file's outcome, now that JetStream has the record.
-            results[i] = result
-        return [r if r is not None else SinkUnavailable("internal error") for r in results]
-
-    async def probe(self) -> None:
-        await self._file.probe()
-        await self._jetstream.probe()

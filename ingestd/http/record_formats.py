@@ -20,7 +20,7 @@ import csv
 import json
 from collections.abc import Generator, Iterable, Iterator
 
-from ingestd.sinks.reader import StoredRecord
+from ingestd.sinks.file.reader import StoredRecord
 
 FORMATS = ("csv", "json", "ndjson")
 CHUNK_BYTES = 64 * 1024

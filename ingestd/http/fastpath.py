@@ -4,9 +4,10 @@ aiohttp builds a Request, a payload stream, a handler task step, a Response
 with a header multidict and middleware frames for every request; on one
 core that costs more than parsing and storing a device's block. So each
 connection starts on `FastConnection`, which reads the one shape devices
-send (`ingestd.http1`: a small POST with a Content-Length) and runs the same
-steps as aiohttp's handlers (`ingestd.app`: routing, access checks, parse,
-admit, the pipeline, refusals), with no task and no Request object.
+send (`ingestd.http.http1`: a small POST with a Content-Length) and runs
+the same steps as aiohttp's handlers (`ingestd.ingest.steps`: routing,
+access checks, parse, admit, the pipeline, refusals), with no task and no
+Request object.
 
 Anything else -- a GET, a chunked or large body, `Expect`, an odd header, a
 Unix socket, bytes that cannot be a head of that shape -- hands the
@@ -28,32 +29,24 @@ from typing import Any
 
 from aiohttp import web
 
-from ingestd.app import (
-    CLOCK,
-    CONFIG,
-    IN_FLIGHT,
-    INLINE_PARSE_BYTES,
-    LOG_THROTTLE,
-    MALFORMED_HTTP,
-    METRICS,
-    OK_BODY,
-    PIPELINE,
+from ingestd.config import ServerConfig, is_reserved
+from ingestd.errors import IngestError, RequestTimeout
+from ingestd.http.handlers import INLINE_PARSE_BYTES, MALFORMED_HTTP, OK_BODY, error_response
+from ingestd.http.http1 import HEAD_END, RequestHead, parse_head
+from ingestd.http.keys import CLOCK, CONFIG, IN_FLIGHT, LOG_THROTTLE, METRICS, PIPELINE
+from ingestd.ingest.steps import (
     admit_json,
     admit_stream,
     admit_wattmon,
     check_access,
-    error_response,
     parse_json,
     parse_wattmon,
     protocol_of,
     refusal,
 )
-from ingestd.config import ServerConfig, is_reserved
-from ingestd.errors import IngestError, RequestTimeout
-from ingestd.http1 import HEAD_END, RequestHead, parse_head
-from ingestd.logs import Throttle
 from ingestd.protocols import wattmon
 from ingestd.records import Outcome
+from ingestd.runtime.logs import Throttle
 
 log = logging.getLogger("ingestd.http")
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import orjson
 
-from ingestd.downsample import Point, min_max
-from ingestd.record_formats import cells
-from ingestd.sinks.reader import StoredRecord
+from ingestd.http.downsample import Point, min_max
+from ingestd.http.record_formats import cells
+from ingestd.sinks.file.reader import StoredRecord
 
 MAX_SERIES = 40  # columns charted at most (the first ones)
 MAX_DEPTH = 4

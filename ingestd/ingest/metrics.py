@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingestd.devices import PROTOCOL_DIRS, DeviceRegistry
-from ingestd.logs import DroppingQueueHandler
-from ingestd.pipeline import Pipeline
+from ingestd.ingest.devices import PROTOCOL_DIRS, DeviceRegistry
+from ingestd.ingest.pipeline import Pipeline
+from ingestd.runtime.logs import DroppingQueueHandler
 
 RequestTally = Counter[tuple[str, str]]  # (protocol, outcome) -> requests
 

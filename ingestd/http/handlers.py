@@ -1,0 +1,258 @@
+"""The aiohttp handlers: device posts (dispatch), /healthz, /metrics, the
+`Expect` handling, and the error middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+from aiohttp import HttpVersion11, hdrs, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ingestd.config import RESERVED_PATHS, Config, is_reserved
+from ingestd.errors import BodyTooLarge, IngestError, RequestTimeout
+from ingestd.http.keys import (
+    CLOCK,
+    CONFIG,
+    IN_FLIGHT,
+    JETSTREAM,
+    METRICS,
+    OUTCOME_OF,
+    PIPELINE,
+    PROTOCOL_OF,
+)
+from ingestd.ingest.live import LiveConfig
+from ingestd.ingest.steps import (
+    admit_json,
+    admit_stream,
+    admit_wattmon,
+    check_access,
+    parse_json,
+    parse_wattmon,
+    protocol_of,
+    refusal,
+)
+from ingestd.protocols import wattmon
+
+OK_BODY = "OK"
+
+
+def add_device_route(app: web.Application) -> None:
+    """Every path the state routes do not take: matched by hand in
+    `dispatch`, since a reload may change them."""
+    app.router.add_route("*", "/{path:.*}", dispatch, expect_handler=expect_continue)
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's default `Expect` handling, with a fixed error body (its own
+    417 quotes the header back): `100 Continue`, or 417 for any other
+    expectation. aiohttp runs this before the middleware."""
+    if request.version != HttpVersion11:
+        return None
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        return error_response(417, "expectation failed")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # as aiohttp's: the answer proper is yet to come
+    return None
+
+
+# The state routes (GET); every path not reserved is a device route (see
+# `protocol_of`).
+STATE_PATHS = RESERVED_PATHS
+
+
+async def dispatch(request: web.Request) -> web.Response:
+    """Route a device request, after the checks that need no body."""
+    live = request.app[CONFIG]
+    if is_reserved(request.path):  # never a stream: a POST to /status is a mistake
+        if request.path in STATE_PATHS:
+            raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_GET, hdrs.METH_HEAD])
+        raise web.HTTPNotFound()
+    protocol = protocol_of(live.current, request.path)
+    if protocol is None:
+        raise web.HTTPNotFound()
+    request[PROTOCOL_OF] = protocol
+    if request.method != hdrs.METH_POST:
+        raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
+    remote = check_access(
+        live,
+        protocol,
+        request.remote or "",
+        request.headers.getall("X-Forwarded-For", None),
+        request.query_string,
+        request.headers.get(hdrs.AUTHORIZATION),
+    )
+    if protocol == wattmon.PROTOCOL:
+        return await wattmon_post(request, live)
+    return await json_post(request, live, remote)
+
+
+# The answer to a request that is not valid HTTP/1.1, found in its head
+# (`fastpath.IngestRequestHandler`) or its body (chunks, Content-Encoding).
+MALFORMED_HTTP = "malformed HTTP request"
+
+
+async def read_body(request: web.Request, config: Config) -> bytes:
+    """The whole body; refuses more than max_body_bytes, a body that trickles,
+    or one whose chunks or compression are broken."""
+    try:
+        return await _read_body(request, config)
+    except web.RequestPayloadError:
+        # Nothing more to read: else aiohttp, draining the rest of the body
+        # after the answer, meets the error again and logs it as a crash.
+        request.content.feed_eof()
+        raise MalformedBody(MALFORMED_HTTP) from None
+
+
+class MalformedBody(IngestError):
+    """Broken chunks or compression: what follows on the connection cannot be
+    told apart, so it closes after the answer."""
+
+
+async def _read_body(request: web.Request, config: Config) -> bytes:
+    limit = config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body over {limit} bytes")
+    content = request.content
+    if content.is_eof():  # the usual small post: it came with its headers
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        return body
+    chunks = []
+    size = 0
+    try:
+        async with asyncio.timeout(config.server.body_timeout_secs):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"request body over {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout("request body too slow") from None
+    return b"".join(chunks)
+
+
+# Devices send a few KiB; parsing that inline is cheaper than a thread hop.
+# A body larger than this (up to max_body_bytes) is parsed in a thread, so a
+# hostile 8 MiB body cannot stall every other device for a second.
+INLINE_PARSE_BYTES = 64 * 1024
+
+T = TypeVar("T")
+
+
+async def off_loop_if_large(size: int, parse: Callable[[], T]) -> T:
+    if size <= INLINE_PARSE_BYTES:
+        return parse()
+    return await asyncio.to_thread(parse)
+
+
+async def wattmon_post(request: web.Request, live: LiveConfig) -> web.Response:
+    app = request.app
+    config = live.current
+    body = await read_body(request, config)
+    now = app[CLOCK]()
+    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
+    parse = functools.partial(parse_wattmon, live, body, content_type, now)
+    item = admit_wattmon(app, live, await off_loop_if_large(len(body), parse), now)
+    if item is None:
+        request[OUTCOME_OF] = "empty"
+        return web.Response(text=OK_BODY)
+    outcome = await app[PIPELINE].submit(item)
+    request[OUTCOME_OF] = outcome.value
+    return web.Response(text=OK_BODY)
+
+
+async def json_post(request: web.Request, live: LiveConfig, remote: str) -> web.Response:
+    app = request.app
+    config = live.current
+    now = app[CLOCK]()
+    stream = admit_stream(live, request.path, now)
+    body = await read_body(request, config)
+    key = request.headers.get("Idempotency-Key")
+    parse = functools.partial(parse_json, config, body, request.path, remote, key, now)
+    record = admit_json(app, stream, await off_loop_if_large(len(body), parse), now)
+    outcome = await app[PIPELINE].submit(record)
+    request[OUTCOME_OF] = outcome.value
+    return web.Response(text=OK_BODY)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    pipeline = request.app[PIPELINE]
+    if not pipeline.accepting:
+        return error_response(503, "shutting down")
+    # Before storage_ok, which a JetStream outage also clears: name the cause.
+    jetstream = request.app.get(JETSTREAM)
+    if jetstream is not None and not jetstream.healthy:
+        return error_response(503, "jetstream unavailable")
+    if not pipeline.stats.storage_ok:
+        return error_response(503, "storage failing")
+    return web.Response(text=OK_BODY)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_LATEST})
+
+
+def error_response(status: int, message: str, retry_after: int | None = None) -> web.Response:
+    headers = {hdrs.RETRY_AFTER: str(retry_after)} if retry_after is not None else None
+    return web.Response(status=status, text=f"ERROR: {message}", headers=headers)
+
+
+# Worker processes pass state requests to the main process over a private
+# Unix socket, naming the device's address in this header.
+CLIENT_HEADER = "X-Ingestd-Worker-Client"
+
+
+def _worker_client(request: web.Request) -> web.Request:
+    """On the main process's private socket only: the device's address the
+    worker saw. Never believed from TCP."""
+    client = request.headers.get(CLIENT_HEADER)
+    if client is not None:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            return request.clone(remote=client)
+    return request
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    """Every refusal is `ERROR: ...` text, so a Wattmon device resends.
+
+    Also counts each device request by protocol and outcome for /metrics,
+    and the requests in flight, which a stop waits for.
+    """
+    request = _worker_client(request)
+    in_flight = request.app[IN_FLIGHT]
+    in_flight.enter(request.protocol)
+    try:
+        return await _answer(request, handler)
+    finally:
+        in_flight.leave(request.protocol)
+
+
+async def _answer(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+        outcome = request.get(OUTCOME_OF)
+    except IngestError as exc:
+        status, text, headers = refusal(request.app, exc, request.path, request.remote or "")
+        response = web.Response(status=status, text=text, headers=headers)
+        if isinstance(exc, MalformedBody):
+            response.force_close()
+        outcome = exc.code
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(exc.status, (exc.reason or "error").lower())
+        if hdrs.ALLOW in exc.headers:
+            response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+        outcome = f"http_{exc.status}"
+    protocol = request.get(PROTOCOL_OF)
+    if protocol is not None and outcome is not None:
+        request.app[METRICS].requests[(protocol, outcome)] += 1
+    return response

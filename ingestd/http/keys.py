@@ -1,0 +1,41 @@
+"""The typed keys of the shared objects on the aiohttp app and request.
+
+A leaf: the views, the fast path and the runtime import these without the
+app factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from ingestd.ingest.devices import DeviceRegistry
+from ingestd.ingest.live import InFlight, LiveConfig
+from ingestd.ingest.metrics import Metrics
+from ingestd.ingest.pipeline import Pipeline
+from ingestd.runtime.logs import Throttle
+from ingestd.sinks.file.sink import FileSink
+
+if TYPE_CHECKING:
+    from ingestd.sinks.jetstream.sink import JetStreamSink
+
+
+CONFIG = web.AppKey("config", LiveConfig)
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
+CLOCK = web.AppKey("clock", Callable[[], float])
+PIPELINE = web.AppKey("pipeline", Pipeline)
+SINK = web.AppKey("sink", FileSink)
+# Set only when a route sends records to JetStream.
+JETSTREAM: web.AppKey[JetStreamSink] = web.AppKey("jetstream")
+DEVICES = web.AppKey("devices", DeviceRegistry)
+METRICS = web.AppKey("metrics", Metrics)
+# (protocol, device, error code, time) of a refused request from a known
+# device: the registry here; in a worker process, forwarded to the main one.
+# Refusals are logged at most 10 a second per error code.
+LOG_THROTTLE = web.AppKey("log_throttle", Throttle)
+REPORT_ERROR = web.AppKey("report_error", Callable[[str, str, str, float], None])
+
+# Set by the handlers, read by the middleware that counts requests.
+PROTOCOL_OF = web.RequestKey("protocol", str)
+OUTCOME_OF = web.RequestKey("outcome", str)

@@ -1,0 +1,2 @@
+"""Commands beside the daemon: `ingestd simulate`, `ingestd export`,
+`ingestd quarantine`."""
