@@ -196,3 +196,17 @@ async def test_keys_of_a_file_compressed_before_the_crash_are_replayed(tmp_path)
     finally:
         await sink.close()
     assert not csv_file(image).exists()
+
+
+async def test_a_recovery_cut_short_and_run_again_writes_each_key_once(tmp_path):
+    """Power lost after a recovery synced its keys but before the log was
+    reset: the next recovery must not append the same key lines again (each
+    duplicate line would push a real key out of the dedup window)."""
+    image = await crash_image(tmp_path, [[record(0), record(1)], [record(2), record(3)]])
+    keys = image / "wattmon" / MAC / ".ingestd-keys"
+    keys.unlink(missing_ok=True)
+    sink = FileSink(image, make_config(image).storage)
+    await asyncio.to_thread(sink.recover)  # the first recovery; the log stays
+    await asyncio.to_thread(sink.recover)  # the second, after the cut
+    lines = keys.read_text().splitlines()
+    assert sorted(line.split()[0] for line in lines) == [f"{i:032x}" for i in range(4)]

@@ -451,10 +451,13 @@ class FileSink:
                 os.fsync(fh.fileno())
         for folder, folder_keys in keys.items():
             if folder_keys:
-                lines = "".join(f"{key} {ts:.3f}\n" for key, ts in folder_keys)
                 with open(folder / KEYS_NAME, "a+b") as fh:
                     cut_torn_line(fh)
-                    fh.write(lines.encode("ascii"))
+                    # A checkpoint may have written some of them already:
+                    # lines written twice would shrink the dedup window.
+                    present = _tail_lines(fh, len(folder_keys) + self._settings.dedup_window_blocks)
+                    lines = [f"{key} {ts:.3f}\n".encode("ascii") for key, ts in folder_keys]
+                    fh.write(b"".join(line for line in lines if line not in present))
                     # Flushed before the fsync: the log is reset next, and
                     # these keys alone then tell a resend from a new block.
                     fh.flush()
@@ -534,6 +537,16 @@ def cut_torn_line(fh: BinaryIO) -> None:
         tail = fh.read()
     fh.truncate(start + tail.rfind(b"\n") + 1)
     fh.seek(0, os.SEEK_END)
+
+
+def _tail_lines(fh: BinaryIO, count: int) -> set[bytes]:
+    """The key file's last `count` lines or so (48 bytes a line)."""
+    end = fh.seek(0, os.SEEK_END)
+    start = max(end - count * 48, 0)
+    fh.seek(start)
+    tail = fh.read()
+    fh.seek(0, os.SEEK_END)
+    return {line + b"\n" for line in tail.split(b"\n")}
 
 
 def write_durably(path: Path, data: bytes) -> None:
