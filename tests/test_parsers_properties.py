@@ -95,7 +95,12 @@ line_endings = st.sampled_from(["\n", "\r\n", "\r"])
 @st.composite
 def csv_blocks(draw: st.DrawFn, min_rows: int = 1) -> tuple[list[str], bytes]:
     """(the lines of a Wattmon CSV block, the block as the device sends it)."""
-    header = draw(st.lists(column_names, min_size=1, max_size=6))
+    # A header line of only whitespace would be a blank line, dropped.
+    header = draw(
+        st.lists(column_names, min_size=1, max_size=6).filter(
+            lambda names: not ",".join(names).encode().isspace()
+        )
+    )
     width = len(header)
     rows = draw(
         st.lists(
