@@ -20,6 +20,7 @@ from ingestd.http.handlers import (
     expect_continue,
     healthz,
     metrics,
+    start_ingest,
 )
 from ingestd.http.keys import (
     CLOCK,
@@ -129,7 +130,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     pipeline.start()
     metrics.watch(pipeline, app[DEVICES], lambda: sink.open_devices, jetstream)
     app[SINK] = sink
-    app[PIPELINE] = pipeline
+    start_ingest(app, pipeline)
     try:
         yield
     finally:

@@ -4,10 +4,10 @@ aiohttp builds a Request, a payload stream, a handler task step, a Response
 with a header multidict and middleware frames for every request; on one
 core that costs more than parsing and storing a device's block. So each
 connection starts on `FastConnection`, which reads the one shape devices
-send (`ingestd.http.http1`: a small POST with a Content-Length) and runs
-the same steps as aiohttp's handlers (`ingestd.ingest.steps`: routing,
-access checks, parse, admit, the pipeline, refusals), with no task and no
-Request object.
+send (`ingestd.http.http1`: a small POST with a Content-Length) and hands
+it to the same ingest service as aiohttp's handler
+(`ingestd.ingest.service`: route, access, parse, admit, submit, the answer's
+metrics and refusals), with no task and no Request object.
 
 Anything else -- a GET, a chunked or large body, `Expect`, an odd header, a
 Unix socket, bytes that cannot be a head of that shape -- hands the
@@ -29,22 +29,11 @@ from typing import Any
 
 from aiohttp import web
 
-from ingestd.config import ServerConfig, is_reserved
+from ingestd.config import ServerConfig
 from ingestd.errors import IngestError, RequestTimeout
 from ingestd.http.handlers import INLINE_PARSE_BYTES, MALFORMED_HTTP, OK_BODY, error_response
 from ingestd.http.http1 import HEAD_END, RequestHead, parse_head
-from ingestd.http.keys import CLOCK, CONFIG, IN_FLIGHT, LOG_THROTTLE, METRICS, PIPELINE
-from ingestd.ingest.steps import (
-    admit_json,
-    admit_stream,
-    admit_wattmon,
-    check_access,
-    parse_json,
-    parse_wattmon,
-    protocol_of,
-    refusal,
-)
-from ingestd.protocols import wattmon
+from ingestd.http.keys import CONFIG, IN_FLIGHT, INGEST, LOG_THROTTLE
 from ingestd.records import Outcome
 from ingestd.runtime.logs import Throttle
 
@@ -65,10 +54,8 @@ class FastServer:
         # Looked up once: aiohttp's app[...] is a Python call, and a request
         # needs several. (Set by the time the runner makes this server.)
         self.live = app[CONFIG]
+        self.ingest = app[INGEST]
         self.in_flight = app[IN_FLIGHT]
-        self.clock = app[CLOCK]
-        self.requests = app[METRICS].requests
-        self.pipeline = app[PIPELINE]
         self.throttle = app[LOG_THROTTLE]
         self.fast: set[FastConnection] = set()
         self.closing = False
@@ -281,11 +268,10 @@ class FastConnection(asyncio.Protocol):
     def _protocol_for(self, head: RequestHead, server: ServerConfig) -> str | None:
         """The protocol of a device post this path answers; None for the
         rest, which goes to aiohttp."""
-        if is_reserved(head.path):
-            return None  # the state routes, and the 404 or 405 of a post to one
         if head.content_length > min(INLINE_PARSE_BYTES, server.max_body_bytes):
             return None  # aiohttp streams it, refuses it, or parses it off-loop
-        return protocol_of(self.server.live.current, head.path)
+        # None for the state routes, and the 404 or 405 of a post to one.
+        return self.server.ingest.route(head.path)
 
     def _keep(self, data: bytes) -> None:
         self._buffer = data
@@ -322,33 +308,16 @@ class FastConnection(asyncio.Protocol):
     # -- one request -----------------------------------------------------------
 
     def _handle(self, head: RequestHead, body: bytes) -> None:
-        server = self.server
-        app = server.app
-        live = server.live
-        config = live.current
         protocol = self._protocol
         self._busy = True
         self.deadline = float("inf")
+        fields = head.fields
         try:
-            fields = head.fields
-            remote = check_access(live, protocol, self.peer, head.forwarded_for or None,
-                                  head.query_string, fields.get("authorization"))
-            now = server.clock()
-            if protocol == wattmon.PROTOCOL:
-                parsed = parse_wattmon(live, body, fields.get("content-type", ""), now)
-                item = admit_wattmon(app, live, parsed, now)
-                if item is None:
-                    self._answer_ok(head, protocol, "empty")
-                    return
-            else:
-                stream = admit_stream(live, head.path, now)
-                parsed_json = parse_json(config, body, head.path, remote,
-                                         fields.get("idempotency-key"), now)
-                item = admit_json(app, stream, parsed_json, now)
-            pipeline = server.pipeline
-            future = pipeline.try_submit(item)
-            if future is None:  # the queue is full: wait for room, as aiohttp's path does
-                future = asyncio.ensure_future(pipeline.submit(item))
+            stored = self.server.ingest.handle(
+                protocol, head.path, self.peer, head.forwarded_for or None, head.query_string,
+                fields.get("authorization"), fields.get("content-type", ""),
+                fields.get("idempotency-key"), body,
+            )
         except IngestError as exc:
             self._refuse(exc, head, protocol)
             return
@@ -357,8 +326,11 @@ class FastConnection(asyncio.Protocol):
             self._close_after = True
             self._write(head, 500, "ERROR: internal error", {})
             return
+        if stored is None:
+            self._answer_ok(head, protocol, "empty")
+            return
         self._waiting = (head, protocol)
-        future.add_done_callback(self._stored)
+        stored.add_done_callback(self._stored)
 
     def _stored(self, done: asyncio.Future[Outcome]) -> None:
         assert self._waiting is not None
@@ -378,14 +350,11 @@ class FastConnection(asyncio.Protocol):
             self._write(head, 500, "ERROR: internal error", {})
 
     def _answer_ok(self, head: RequestHead, protocol: str, outcome: str) -> None:
-        self.server.requests[(protocol, outcome)] += 1
+        self.server.ingest.count(protocol, outcome)
         self._write(head, 200, OK_BODY, {})
 
     def _refuse(self, exc: IngestError, head: RequestHead, protocol: str | None) -> None:
-        app = self.server.app
-        status, text, headers = refusal(app, exc, head.path, self.peer)
-        if protocol is not None:
-            self.server.requests[(protocol, exc.code)] += 1
+        status, text, headers = self.server.ingest.refused(protocol, exc, head.path, self.peer)
         self._write(head, status, text, headers)
 
     def _write(self, head: RequestHead, status: int, text: str, headers: dict[str, str]) -> None:

@@ -18,24 +18,17 @@ from ingestd.http.keys import (
     CLOCK,
     CONFIG,
     IN_FLIGHT,
+    INGEST,
     JETSTREAM,
+    LOG_THROTTLE,
     METRICS,
     OUTCOME_OF,
     PIPELINE,
     PROTOCOL_OF,
+    REPORT_ERROR,
 )
-from ingestd.ingest.live import LiveConfig
-from ingestd.ingest.steps import (
-    admit_json,
-    admit_stream,
-    admit_wattmon,
-    check_access,
-    parse_json,
-    parse_wattmon,
-    protocol_of,
-    refusal,
-)
-from ingestd.protocols import wattmon
+from ingestd.ingest.pipeline import Pipeline
+from ingestd.ingest.service import IngestService
 
 OK_BODY = "OK"
 
@@ -59,35 +52,56 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-# The state routes (GET); every path not reserved is a device route (see
-# `protocol_of`).
+# The state routes (GET); every path not reserved is a device route
+# (`IngestService.route`).
 STATE_PATHS = RESERVED_PATHS
 
 
+def start_ingest(app: web.Application, pipeline: Pipeline) -> None:
+    """The ingest service over the app's state, once its pipeline runs."""
+    app[PIPELINE] = pipeline
+    app[INGEST] = IngestService(
+        app[CONFIG],
+        pipeline,
+        clock=app[CLOCK],
+        report_error=app[REPORT_ERROR],
+        requests=app[METRICS].requests,
+        throttle=app[LOG_THROTTLE],
+    )
+
+
 async def dispatch(request: web.Request) -> web.Response:
-    """Route a device request, after the checks that need no body."""
-    live = request.app[CONFIG]
+    """A device post: the ingest service's steps around reading the body."""
     if is_reserved(request.path):  # never a stream: a POST to /status is a mistake
         if request.path in STATE_PATHS:
             raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_GET, hdrs.METH_HEAD])
         raise web.HTTPNotFound()
-    protocol = protocol_of(live.current, request.path)
+    service = request.app[INGEST]
+    path = request.path
+    protocol = service.route(path)
     if protocol is None:
         raise web.HTTPNotFound()
     request[PROTOCOL_OF] = protocol
     if request.method != hdrs.METH_POST:
         raise web.HTTPMethodNotAllowed(request.method, [hdrs.METH_POST])
-    remote = check_access(
-        live,
+    headers = request.headers
+    remote = service.check(
         protocol,
+        path,
         request.remote or "",
-        request.headers.getall("X-Forwarded-For", None),
+        headers.getall("X-Forwarded-For", None),
         request.query_string,
-        request.headers.get(hdrs.AUTHORIZATION),
+        headers.get(hdrs.AUTHORIZATION),
     )
-    if protocol == wattmon.PROTOCOL:
-        return await wattmon_post(request, live)
-    return await json_post(request, live, remote)
+    body = await read_body(request, request.app[CONFIG].current)
+    now = service.clock()
+    parse = functools.partial(
+        service.parse, protocol, body, headers.get(hdrs.CONTENT_TYPE, ""), path, remote,
+        headers.get("Idempotency-Key"), now,
+    )
+    stored = service.submit(protocol, await off_loop_if_large(len(body), parse), path, now)
+    request[OUTCOME_OF] = "empty" if stored is None else (await stored).value
+    return web.Response(text=OK_BODY)
 
 
 # The answer to a request that is not valid HTTP/1.1, found in its head
@@ -150,36 +164,6 @@ async def off_loop_if_large(size: int, parse: Callable[[], T]) -> T:
     return await asyncio.to_thread(parse)
 
 
-async def wattmon_post(request: web.Request, live: LiveConfig) -> web.Response:
-    app = request.app
-    config = live.current
-    body = await read_body(request, config)
-    now = app[CLOCK]()
-    content_type = request.headers.get(hdrs.CONTENT_TYPE, "")
-    parse = functools.partial(parse_wattmon, live, body, content_type, now)
-    item = admit_wattmon(app, live, await off_loop_if_large(len(body), parse), now)
-    if item is None:
-        request[OUTCOME_OF] = "empty"
-        return web.Response(text=OK_BODY)
-    outcome = await app[PIPELINE].submit(item)
-    request[OUTCOME_OF] = outcome.value
-    return web.Response(text=OK_BODY)
-
-
-async def json_post(request: web.Request, live: LiveConfig, remote: str) -> web.Response:
-    app = request.app
-    config = live.current
-    now = app[CLOCK]()
-    stream = admit_stream(live, request.path, now)
-    body = await read_body(request, config)
-    key = request.headers.get("Idempotency-Key")
-    parse = functools.partial(parse_json, config, body, request.path, remote, key, now)
-    record = admit_json(app, stream, await off_loop_if_large(len(body), parse), now)
-    outcome = await app[PIPELINE].submit(record)
-    request[OUTCOME_OF] = outcome.value
-    return web.Response(text=OK_BODY)
-
-
 async def healthz(request: web.Request) -> web.Response:
     pipeline = request.app[PIPELINE]
     if not pipeline.accepting:
@@ -240,11 +224,13 @@ async def _answer(request: web.Request, handler: web.Handler) -> web.StreamRespo
         response = await handler(request)
         outcome = request.get(OUTCOME_OF)
     except IngestError as exc:
-        status, text, headers = refusal(request.app, exc, request.path, request.remote or "")
+        status, text, headers = request.app[INGEST].refused(
+            request.get(PROTOCOL_OF), exc, request.path, request.remote or ""
+        )
         response = web.Response(status=status, text=text, headers=headers)
         if isinstance(exc, MalformedBody):
             response.force_close()
-        outcome = exc.code
+        return response  # counted by `refused`
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -254,5 +240,5 @@ async def _answer(request: web.Request, handler: web.Handler) -> web.StreamRespo
         outcome = f"http_{exc.status}"
     protocol = request.get(PROTOCOL_OF)
     if protocol is not None and outcome is not None:
-        request.app[METRICS].requests[(protocol, outcome)] += 1
+        request.app[INGEST].count(protocol, outcome)
     return response

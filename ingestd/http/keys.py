@@ -14,6 +14,7 @@ from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.live import InFlight, LiveConfig
 from ingestd.ingest.metrics import Metrics
 from ingestd.ingest.pipeline import Pipeline
+from ingestd.ingest.service import IngestService
 from ingestd.runtime.logs import Throttle
 from ingestd.sinks.file.sink import FileSink
 
@@ -25,6 +26,8 @@ CONFIG = web.AppKey("config", LiveConfig)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 CLOCK = web.AppKey("clock", Callable[[], float])
 PIPELINE = web.AppKey("pipeline", Pipeline)
+# The steps of a device post (set with the pipeline, which it feeds).
+INGEST = web.AppKey("ingest", IngestService)
 SINK = web.AppKey("sink", FileSink)
 # Set only when a route sends records to JetStream.
 JETSTREAM: web.AppKey[JetStreamSink] = web.AppKey("jetstream")

@@ -39,6 +39,7 @@ from ingestd.http.handlers import (
     add_device_route,
     error_middleware,
     expect_continue,
+    start_ingest,
 )
 from ingestd.http.keys import (
     CLOCK,
@@ -46,7 +47,6 @@ from ingestd.http.keys import (
     IN_FLIGHT,
     LOG_THROTTLE,
     METRICS,
-    PIPELINE,
     REPORT_ERROR,
 )
 from ingestd.ingest.live import InFlight, LiveConfig
@@ -96,7 +96,7 @@ def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> we
             commit_interval_secs=0.0,
         )
         pipeline.start()
-        app[PIPELINE] = pipeline
+        start_ingest(app, pipeline)
         tally = asyncio.create_task(_send_tally(storage))
         try:
             yield
