@@ -96,8 +96,8 @@ class DurableDisk:
 
     async def arm(self, event: str, count: int) -> None:
         """Freeze by itself right after the `count`-th next `event`:
-        "sync" (fsync of a file or a directory, not fdatasync) or "create"
-        (a new file). `tripped` is set then."""
+        "sync" (fsync of a file or a directory, not fdatasync), "datasync"
+        (fdatasync of a file) or "create" (a new file). `tripped` is set then."""
         assert await self._command(f"arm {event} {count}") == "armed"
 
     async def stats(self) -> dict[str, int]:

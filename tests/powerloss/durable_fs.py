@@ -9,6 +9,9 @@ prints `ready` on stdout, and then takes one command per line on stdin:
   answers `frozen`.
 - `cut TARGET SEED`: writes the durable image to TARGET (torn cuts choose
   their prefix with SEED); answers `cut {json report}`.
+- `arm EVENT N`: freeze by itself right after the N-th next EVENT, `sync`
+  (fsync of a file or folder), `datasync` (fdatasync) or `create`; prints
+  `tripped` then; answers `armed`.
 - `stats`: answers `stats {json}`.
 
 It exits once unmounted (`fusermount3 -u`), or when stdin closes.
@@ -212,8 +215,8 @@ class DurableFS(mfusepy.Operations):  # type: ignore[misc]
             self._check()
             ino = self.handles[fh][0]
             self.image.synced_file(ino, os.fstat(fh).st_size, datasync=bool(datasync))
-            if not datasync:
-                self._event("sync")
+            # fdatasync counts apart: armed "sync" counts stay as they were.
+            self._event("datasync" if datasync else "sync")
             return 0
 
     def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
