@@ -152,3 +152,35 @@ async def test_forged_worker_header_over_tcp_is_ignored(start_client, tmp_path):
     client = await start_client(config)
     resp = await client.get("/api/devices", headers={"X-Ingestd-Worker-Client": "10.1.2.3"})
     assert resp.status == 403
+
+
+async def test_a_devices_data_through_a_worker_is_its_stored_rows(tmp_path):
+    """GET /api/devices/{id}/data is answered by the main process and
+    streamed through whichever worker took the connection: larger than one
+    proxied chunk, it arrives whole."""
+    config = write_config(tmp_path / "ingestd.toml", "[server]\nworkers = 2\n")
+    daemon = await DaemonProcess.start(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
+    )
+    pad = "x" * 500
+    try:
+        for seq in range(300):
+            data = f"Time,Device,Seq,Pad\n2026-11-21 08:{seq // 60:02d}:{seq % 60:02d},0,{seq},{pad}\n"
+            assert await post_once(daemon.url, wattmon_form(mac(0), data)) == (200, "OK")
+        bodies = []
+        for _ in range(4):  # new connections: the workers take turns
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)
+            ) as session, session.get(
+                f"{daemon.url}/api/devices/{mac(0)}/data?format=csv"
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+                bodies.append(await resp.read())
+    finally:
+        assert await daemon.stop() == 0
+    expected = "Time,Device,Seq,Pad\n" + "".join(
+        f"2026-11-21 08:{seq // 60:02d}:{seq % 60:02d},0,{seq},{pad}\n" for seq in range(300)
+    )
+    assert len(expected) > 2 * 64 * 1024
+    for body in bodies:
+        assert body.decode() == expected

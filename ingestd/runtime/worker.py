@@ -134,8 +134,12 @@ async def _send_tally(storage: RemoteStorage) -> None:
         await storage.send_tally()
 
 
-async def proxy_to_main(request: web.Request) -> web.Response:
-    """Answer a state request from the main process, which sees every record."""
+async def proxy_to_main(request: web.Request) -> web.StreamResponse:
+    """Answer a state request from the main process, which sees every record.
+
+    Streamed through: a device's data (GET /api/devices/{id}/data) may be
+    its whole history, which must not be held in a worker's memory.
+    """
     headers = {
         name: value
         for name, value in request.headers.items()
@@ -143,23 +147,31 @@ async def proxy_to_main(request: web.Request) -> web.Response:
     }
     # The main process checks access on the device's address, not ours.
     headers[CLIENT_HEADER] = request.remote or ""
+    response: web.StreamResponse | None = None
     try:
         async with request.app[PROXY_SESSION].get(
             f"http://ingestd{request.rel_url}", headers=headers, allow_redirects=False
         ) as upstream:
-            body = await upstream.read()
             passed = {
                 name: value
                 for name, value in upstream.headers.items()
                 if name.lower() in PASSED_HEADERS
             }
-            return web.Response(status=upstream.status, body=body, headers=passed)
+            response = web.StreamResponse(status=upstream.status, headers=passed)
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(PROXY_CHUNK_BYTES):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
     except aiohttp.ClientError:
+        if response is not None:
+            raise  # cut mid-answer: the client sees the connection close
         return web.Response(
             status=503, text="ERROR: storage process unavailable", headers={hdrs.RETRY_AFTER: "5"}
         )
 
 
+PROXY_CHUNK_BYTES = 64 * 1024
 PASSED_HEADERS = frozenset(
     {
         "content-type",
