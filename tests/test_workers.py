@@ -184,3 +184,23 @@ async def test_a_devices_data_through_a_worker_is_its_stored_rows(tmp_path):
     assert len(expected) > 2 * 64 * 1024
     for body in bodies:
         assert body.decode() == expected
+
+
+async def test_a_devices_rate_limit_holds_across_workers(tmp_path):
+    """Each worker used to keep its own buckets: with two, a device limited
+    to a burst of 2 got up to 4 blocks in a row stored."""
+    config = write_config(
+        tmp_path / "ingestd.toml",
+        "[server]\nworkers = 2\n[wattmon]\nrate_limit_per_min = 1.0\nrate_limit_burst = 2\n",
+    )
+    daemon = await DaemonProcess.start(
+        "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
+    )
+    try:
+        answers = [await post_once(daemon.url, wattmon_form(mac(0), block(0, seq)))
+                   for seq in range(8)]
+    finally:
+        assert await daemon.stop() == 0
+    assert [status for status, _ in answers] == [200, 200] + [429] * 6, answers
+    assert all(text.startswith("ERROR") for _, text in answers[2:])
+    assert len(stored_rows(tmp_path / "data", 0)) == 2

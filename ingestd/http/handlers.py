@@ -57,8 +57,9 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 STATE_PATHS = RESERVED_PATHS
 
 
-def start_ingest(app: web.Application, pipeline: Pipeline) -> None:
-    """The ingest service over the app's state, once its pipeline runs."""
+def start_ingest(app: web.Application, pipeline: Pipeline, *, limits: bool = True) -> None:
+    """The ingest service over the app's state, once its pipeline runs
+    (`limits` False in a worker process: the main process applies them)."""
     app[PIPELINE] = pipeline
     app[INGEST] = IngestService(
         app[CONFIG],
@@ -67,6 +68,7 @@ def start_ingest(app: web.Application, pipeline: Pipeline) -> None:
         report_error=app[REPORT_ERROR],
         requests=app[METRICS].requests,
         throttle=app[LOG_THROTTLE],
+        limits=limits,
     )
 
 

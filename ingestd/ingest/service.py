@@ -43,7 +43,9 @@ class IngestService:
     `check` before reading the body and `parse` + `submit` after it.
     """
 
-    __slots__ = ("_live", "_pipeline", "_report_error", "_requests", "_throttle", "clock")
+    __slots__ = (
+        "_limits", "_live", "_pipeline", "_report_error", "_requests", "_throttle", "clock"
+    )
 
     def __init__(
         self,
@@ -54,8 +56,12 @@ class IngestService:
         report_error: ReportError,
         requests: Counter[tuple[str, str]],
         throttle: Throttle,
+        limits: bool = True,
     ) -> None:
         self._live = live
+        # Rate limits are per device: a worker process leaves them to the
+        # main process, which sees every worker's posts (`limit`).
+        self._limits = limits
         self._pipeline = pipeline
         self.clock = clock
         self._report_error = report_error
@@ -101,7 +107,8 @@ class IngestService:
             stream = jsonpost.stream_name(path)
             if live.allowed_streams is not None and stream not in live.allowed_streams:
                 raise Forbidden("stream not allowed")
-            live.limiters[protocol].check(stream, self.clock())
+            if self._limits:
+                live.limiters[protocol].check(stream, self.clock())
         return remote
 
     def parse(
@@ -149,7 +156,7 @@ class IngestService:
             raise parsed
         if parsed is None:
             return None
-        if protocol == wattmon.PROTOCOL:
+        if protocol == wattmon.PROTOCOL and self._limits:
             # A JSON post's stream was limited in `check`, before its body.
             self._live.limiters[protocol].check(parsed.device_id, now)
         future = self._pipeline.try_submit(parsed)
@@ -174,6 +181,22 @@ class IngestService:
         now = self.clock()
         parsed = self.parse(protocol, body, content_type, path, remote, idempotency_key, now)
         return self.submit(protocol, parsed, path, now)
+
+    def limit(self, items: list[Record | Quarantined]) -> list[IngestError | None]:
+        """The rate limit of each item a worker process took (None: within
+        it), applied here in the main process, where every worker's posts
+        from one device meet."""
+        now = self.clock()
+        limiters = self._live.limiters
+        refusals: list[IngestError | None] = []
+        for item in items:
+            try:
+                limiters[item.protocol].check(item.device_id, now)
+            except IngestError as exc:
+                refusals.append(exc)
+            else:
+                refusals.append(None)
+        return refusals
 
     # -- the answer ------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from ingestd.errors import IngestError, StorageFailed
-from ingestd.http.keys import DEVICES, METRICS, PIPELINE
+from ingestd.http.keys import DEVICES, INGEST, METRICS, PIPELINE
 from ingestd.ingest.pipeline import Item
 from ingestd.records import Outcome
 
@@ -118,7 +118,13 @@ class StorageServer:
             items: list[Item] = message[1]
             self._merge_tally(message[2])
             self._merge_errors(message[3])
-            results = await self._app[PIPELINE].submit_many(items)
+            # Per device, whichever worker took the post: limits apply here.
+            refusals = self._app[INGEST].limit(items)
+            admitted = [
+                item for item, refused in zip(items, refusals, strict=True) if refused is None
+            ]
+            stored = iter(await self._app[PIPELINE].submit_many(admitted))
+            results = [next(stored) if refused is None else refused for refused in refusals]
             await send_message(writer, [encode_result(r) for r in results])
         elif kind == "tally":
             self._merge_tally(message[1])

@@ -96,7 +96,7 @@ def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> we
             commit_interval_secs=0.0,
         )
         pipeline.start()
-        start_ingest(app, pipeline)
+        start_ingest(app, pipeline, limits=False)
         tally = asyncio.create_task(_send_tally(storage))
         try:
             yield
