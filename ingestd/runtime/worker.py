@@ -158,6 +158,9 @@ async def proxy_to_main(request: web.Request) -> web.StreamResponse:
                 if name.lower() in PASSED_HEADERS
             }
             response = web.StreamResponse(status=upstream.status, headers=passed)
+            # Known ahead for all but a device's streamed data: sent as is
+            # rather than chunked, as the main process answered.
+            response.content_length = upstream.content_length
             await response.prepare(request)
             async for chunk in upstream.content.iter_chunked(PROXY_CHUNK_BYTES):
                 await response.write(chunk)
