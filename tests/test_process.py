@@ -725,15 +725,21 @@ async def test_sigterm_finishes_a_request_held_mid_upload(tmp_path, start_daemon
     assert await asyncio.to_thread(wal_size, data_dir) == 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 2)],
+    ids=["SIGTERM-1-process", "SIGTERM-2-workers", "SIGINT-2-workers"],
+)
 async def test_stop_signal_under_load_stores_every_acknowledged_record(
-    tmp_path, start_daemon, signum
+    tmp_path, start_daemon, signum, workers
 ) -> None:
     data_dir = tmp_path / "data"
+    config = tmp_path / "ingestd.toml"
+    config.write_text(f"[server]\nworkers = {workers}\n")
     rng = random.Random(20261121)
     devices = [Device(i, random.Random(rng.random())) for i in range(50)]
     streams = [Stream(f"meter-{i}", keyed=False) for i in range(5)]
-    daemon = await start_daemon(data_dir)
+    daemon = await start_daemon(data_dir, config)
     acks = Counter(threshold=1000)
     after_signal = 0
 
@@ -813,9 +819,13 @@ async def test_second_sigint_exits_at_once_and_a_restart_recovers(tmp_path, star
 # -- 3. SIGKILL -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fsync", ["always", "never"])
+@pytest.mark.parametrize(
+    ("fsync", "workers"),
+    [("always", 1), ("always", 2), ("never", 2)],
+    ids=["always-1-process", "always-2-workers", "never-2-workers"],
+)
 async def test_sigkill_loop_loses_and_duplicates_nothing_acknowledged(
-    tmp_path, start_daemon, fsync
+    tmp_path, start_daemon, fsync, workers
 ) -> None:
     data_dir = tmp_path / "data"
     config = tmp_path / "ingestd.toml"
@@ -824,6 +834,7 @@ async def test_sigkill_loop_loses_and_duplicates_nothing_acknowledged(
     # Checkpoints every 0.2 s: kills land in the middle of background syncs,
     # with both write-ahead logs holding frames.
     config.write_text(
+        f"[server]\nworkers = {workers}\n"
         f"[storage]\nmax_file_bytes = 4096\nfsync = \"{fsync}\"\ncheckpoint_interval_secs = 0.2\n"
     )
     rng = random.Random(7)
