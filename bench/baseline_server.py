@@ -35,8 +35,14 @@ def main() -> None:
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app.router.add_post("/wattmon", wattmon)
     app.router.add_post("/{stream:.*}", json_doc)
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None,
-                print=None, loop=uvloop.new_event_loop())
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
 
 
 if __name__ == "__main__":

@@ -23,20 +23,26 @@ import aiohttp
 from common import HEADER, block, form, mac, now, rss_bytes, start_ingestd, stop_ingestd
 
 
-async def device(n: int, blocks: int, url: str, gate: asyncio.Semaphore, tally: Counter[str]) -> None:
+async def device(
+    n: int, blocks: int, url: str, gate: asyncio.Semaphore, tally: Counter[str]
+) -> None:
     for seq in range(blocks):
         body = form(n, seq)
         delay = 0.05
         while True:
             async with gate:
                 try:
-                    async with aiohttp.ClientSession(
-                        connector=aiohttp.TCPConnector(force_close=True),
-                        timeout=aiohttp.ClientTimeout(total=60),
-                    ) as session, session.post(
-                        f"{url}/wattmon", data=body,
-                        headers={"Content-Type": "application/x-www-form-urlencoded"},
-                    ) as resp:
+                    async with (
+                        aiohttp.ClientSession(
+                            connector=aiohttp.TCPConnector(force_close=True),
+                            timeout=aiohttp.ClientTimeout(total=60),
+                        ) as session,
+                        session.post(
+                            f"{url}/wattmon",
+                            data=body,
+                            headers={"Content-Type": "application/x-www-form-urlencoded"},
+                        ) as resp,
+                    ):
                         text = await resp.text()
                         status = resp.status
                 except (aiohttp.ClientError, TimeoutError):
@@ -82,10 +88,14 @@ async def run(args: argparse.Namespace) -> None:
     stop_ingestd(proc)
     check(root / "data", args.devices, args.blocks)
     total = args.devices * args.blocks
-    print(f"devices={args.devices} blocks_each={args.blocks} acknowledged={tally['ok']} "
-          f"retries={sum(v for k, v in tally.items() if k != 'ok')} ({dict(tally)})")
-    print(f"drained in {elapsed:.1f} s: {total / elapsed:,.0f} blocks/s; peak RSS "
-          f"{peak_rss / 2**20:.0f} MiB; every block stored once, in order")
+    print(
+        f"devices={args.devices} blocks_each={args.blocks} acknowledged={tally['ok']} "
+        f"retries={sum(v for k, v in tally.items() if k != 'ok')} ({dict(tally)})"
+    )
+    print(
+        f"drained in {elapsed:.1f} s: {total / elapsed:,.0f} blocks/s; peak RSS "
+        f"{peak_rss / 2**20:.0f} MiB; every block stored once, in order"
+    )
     shutil.rmtree(root, ignore_errors=True)
 
 

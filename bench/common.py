@@ -21,7 +21,9 @@ def block(device: int, seq: int, rows: int = 15) -> str:
     lines = [HEADER]
     for r in range(rows):
         t = seq * rows + r
-        lines.append(f"2026-11-21 {t // 60 % 24:02d}:{t % 60:02d}:00,{device},{seq},{r},1,2,3,4,5,6,7")
+        lines.append(
+            f"2026-11-21 {t // 60 % 24:02d}:{t % 60:02d}:00,{device},{seq},{r},1,2,3,4,5,6,7"
+        )
     return "\r\n".join(lines) + "\r\n"
 
 
@@ -35,12 +37,24 @@ def form(device: int, seq: int) -> bytes:
     return f"key={mac(device)}&md5sum={md5}&data={quote_plus(data)}".encode()
 
 
-def start_ingestd(data_dir: Path, config: str = "", cores: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
+def start_ingestd(
+    data_dir: Path, config: str = "", cores: str | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     """ingestd on an ephemeral port; returns the process and the port."""
     config_path = data_dir.parent / "bench-ingestd.toml"
     config_path.write_text(config)
-    command = [sys.executable, "-m", "ingestd", "serve", "--config", str(config_path),
-               "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "ingestd",
+        "serve",
+        "--config",
+        str(config_path),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+    ]
     if cores:
         command = ["taskset", "-c", cores, *command]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE)
@@ -53,7 +67,9 @@ def start_ingestd(data_dir: Path, config: str = "", cores: str | None = None) ->
         if match:
             # Keep reading its log, or a full pipe would stall its logging.
             log = open(data_dir.parent / "ingestd.log", "wb")  # noqa: SIM115
-            threading.Thread(target=shutil.copyfileobj, args=(proc.stderr, log), daemon=True).start()
+            threading.Thread(
+                target=shutil.copyfileobj, args=(proc.stderr, log), daemon=True
+            ).start()
             return proc, int(match[1])
 
 

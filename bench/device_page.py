@@ -56,8 +56,10 @@ async def store(data_dir: Path, days: int, columns: int) -> int:
     batch = 1440
     for i in range(0, len(rows), batch):
         await sink.commit(
-            [Record("wattmon", MAC, ts, row, header, f"{i + n:032x}", 1)
-             for n, (ts, row) in enumerate(rows[i : i + batch])]
+            [
+                Record("wattmon", MAC, ts, row, header, f"{i + n:032x}", 1)
+                for n, (ts, row) in enumerate(rows[i : i + batch])
+            ]
         )
     await sink.close()
     folder = data_dir / "wattmon" / MAC
@@ -101,28 +103,54 @@ def main() -> int:
         started = time.perf_counter()
         rows = asyncio.run(store(data_dir, args.days, args.columns))
         files = [p for p in (data_dir / "wattmon" / MAC).iterdir() if ".csv" in p.name]
-        print(f"stored {rows} rows x {args.columns} columns in {len(files)} files "
-              f"({time.perf_counter() - started:.1f} s)")
+        print(
+            f"stored {rows} rows x {args.columns} columns in {len(files)} files "
+            f"({time.perf_counter() - started:.1f} s)"
+        )
         proc, port = start_ingestd(data_dir, "[server]\nworkers = 1\n")
         try:
             timed(port, f"/api/devices/{MAC}")  # warm: imports, the first scan
             cases: list[tuple[str, str, Callable[[tuple[float, float, int]], str]]] = [
-                ("page data: chart, 24 h", f"/api/devices/{MAC}/chart",
-                 lambda r: f"{r[1] * 1000:.0f} ms ({r[2]:,} bytes)"),
-                ("page data: chart, 30 d", f"/api/devices/{MAC}/chart?window=30d",
-                 lambda r: f"{r[1] * 1000:.0f} ms ({r[2]:,} bytes)"),
-                ("page data: device document", f"/api/devices/{MAC}",
-                 lambda r: f"{r[1] * 1000:.0f} ms"),
+                (
+                    "page data: chart, 24 h",
+                    f"/api/devices/{MAC}/chart",
+                    lambda r: f"{r[1] * 1000:.0f} ms ({r[2]:,} bytes)",
+                ),
+                (
+                    "page data: chart, 30 d",
+                    f"/api/devices/{MAC}/chart?window=30d",
+                    lambda r: f"{r[1] * 1000:.0f} ms ({r[2]:,} bytes)",
+                ),
+                (
+                    "page data: device document",
+                    f"/api/devices/{MAC}",
+                    lambda r: f"{r[1] * 1000:.0f} ms",
+                ),
                 ("page itself", f"/devices/{MAC}", lambda r: f"{r[1] * 1000:.1f} ms"),
-                ("data API, all (CSV)", f"/api/devices/{MAC}/data",
-                 lambda r: f"first byte {r[0] * 1000:.0f} ms, all {r[1] * 1000:.0f} ms "
-                 f"({r[2] / 1e6:.1f} MB)"),
-                ("data API, last 24 h (CSV)", f"/api/devices/{MAC}/data?from=24h",
-                 lambda r: f"first byte {r[0] * 1000:.0f} ms, all {r[1] * 1000:.0f} ms "
-                 f"({r[2] / 1e6:.2f} MB)"),
-                ("data API, all (NDJSON)", f"/api/devices/{MAC}/data?format=ndjson",
-                 lambda r: f"first byte {r[0] * 1000:.0f} ms, all {r[1] * 1000:.0f} ms "
-                 f"({r[2] / 1e6:.1f} MB)"),
+                (
+                    "data API, all (CSV)",
+                    f"/api/devices/{MAC}/data",
+                    lambda r: (
+                        f"first byte {r[0] * 1000:.0f} ms, all {r[1] * 1000:.0f} ms "
+                        f"({r[2] / 1e6:.1f} MB)"
+                    ),
+                ),
+                (
+                    "data API, last 24 h (CSV)",
+                    f"/api/devices/{MAC}/data?from=24h",
+                    lambda r: (
+                        f"first byte {r[0] * 1000:.0f} ms, all {r[1] * 1000:.0f} ms "
+                        f"({r[2] / 1e6:.2f} MB)"
+                    ),
+                ),
+                (
+                    "data API, all (NDJSON)",
+                    f"/api/devices/{MAC}/data?format=ndjson",
+                    lambda r: (
+                        f"first byte {r[0] * 1000:.0f} ms, all {r[1] * 1000:.0f} ms "
+                        f"({r[2] / 1e6:.1f} MB)"
+                    ),
+                ),
             ]
             for name, path, show in cases:
                 print(f"{name}: {show(median(port, path, args.runs))}")

@@ -73,8 +73,21 @@ def main() -> None:
         )
         port = free_port()
         proc = subprocess.Popen(
-            ["taskset", "-c", "0", sys.executable, "-m", "ingestd", "serve", "--config",
-             str(config), "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)],
+            [
+                "taskset",
+                "-c",
+                "0",
+                sys.executable,
+                "-m",
+                "ingestd",
+                "serve",
+                "--config",
+                str(config),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(data_dir),
+            ],
             stderr=subprocess.DEVNULL,
         )
         try:
@@ -85,10 +98,12 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
             shutil.rmtree(data_dir, ignore_errors=True)
-    print(f"{args.devices:,} devices with {args.keys} keys each, max_open_files = "
-          f"{args.max_open_files}, {args.connections} keep-alive connections, {args.seconds} s: "
-          f"{result['rate']:,.0f} posts/s, p99 {result['p99_ms']:.0f} ms, "
-          f"{result['errors']:.0f} errors")
+    print(
+        f"{args.devices:,} devices with {args.keys} keys each, max_open_files = "
+        f"{args.max_open_files}, {args.connections} keep-alive connections, {args.seconds} s: "
+        f"{result['rate']:,.0f} posts/s, p99 {result['p99_ms']:.0f} ms, "
+        f"{result['errors']:.0f} errors"
+    )
 
 
 if __name__ == "__main__":

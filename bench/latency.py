@@ -64,15 +64,19 @@ async def run(args: argparse.Namespace) -> None:
                 await resp.read()
 
         for first in range(0, 1024, args.connections):
-            await asyncio.gather(*(warm(n) for n in range(first, min(first + args.connections, 1024))))
+            await asyncio.gather(
+                *(warm(n) for n in range(first, min(first + args.connections, 1024)))
+            )
         start = now() + 0.5
         await asyncio.gather(*(connection(i, session) for i in range(args.connections)))
     stop_ingestd(proc)
     shutil.rmtree(root, ignore_errors=True)
     achieved = len(latencies) / args.seconds
-    print(f"target {args.rate:,.0f}/s, achieved {achieved:,.0f}/s, errors {errors}; latency "
-          f"p50 {percentile(latencies, 50) * 1000:.1f} ms, p90 {percentile(latencies, 90) * 1000:.1f} ms, "
-          f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+    print(
+        f"target {args.rate:,.0f}/s, achieved {achieved:,.0f}/s, errors {errors}; latency "
+        f"p50 {percentile(latencies, 50) * 1000:.1f} ms, p90 {percentile(latencies, 90) * 1000:.1f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
+    )
 
 
 def main() -> None:

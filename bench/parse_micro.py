@@ -60,8 +60,12 @@ def bench(
     def run_json() -> None:
         for (path, body), now in zip(docs, stamps, strict=False):
             json_parse(
-                body, path=path, remote="192.0.2.1", received_at=now,
-                idempotency_key=None, max_depth=32,
+                body,
+                path=path,
+                remote="192.0.2.1",
+                received_at=now,
+                idempotency_key=None,
+                max_depth=32,
             )
 
     return {

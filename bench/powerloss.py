@@ -43,7 +43,12 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="ingestd-powerloss-"))
     cycles = Cycles(
-        work, mode=args.mode, torn=args.torn, seed=args.seed, fsync=args.fsync, kinds=kinds,
+        work,
+        mode=args.mode,
+        torn=args.torn,
+        seed=args.seed,
+        fsync=args.fsync,
+        kinds=kinds,
         workers=tuple(int(w) for w in args.workers.split(",")),
         log=(lambda line: print(line, flush=True)) if args.verbose else (lambda _line: None),
     )

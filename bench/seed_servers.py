@@ -26,8 +26,10 @@ NODE_SCRIPT = SEEDS / "allegro-server.js"
 NODE_PORT = 3000
 # Node 20 refuses an array in fs.writeFile (old Node wrote its chunks joined
 # with commas); the issue allows exactly this one patch.
-NODE_PATCH = ("fs.writeFile(outputFilename, data,",
-              "fs.writeFile(outputFilename, Buffer.concat(data),")
+NODE_PATCH = (
+    "fs.writeFile(outputFilename, data,",
+    "fs.writeFile(outputFilename, Buffer.concat(data),",
+)
 FASTCGI_PARAMS = Path("/etc/nginx/fastcgi_params")
 
 
@@ -43,8 +45,13 @@ def _executable(*patterns: str) -> str:
     raise RuntimeError(f"not installed: {patterns[0]} (apt-get install -y nginx php-fpm nodejs)")
 
 
-def _wait_for(connect: socket.socket, address: str | tuple[str, int], what: str,
-              proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+def _wait_for(
+    connect: socket.socket,
+    address: str | tuple[str, int],
+    what: str,
+    proc: subprocess.Popen[bytes],
+    timeout: float = 20,
+) -> None:
     deadline = time.monotonic() + timeout
     with connect:
         while connect.connect_ex(address) != 0:
@@ -76,8 +83,10 @@ php_admin_flag[short_open_tag] = on
 def nginx_config(run_dir: Path, www: Path, port: int) -> str:
     # As root, nginx would hand its worker to "nobody", who cannot reach the socket.
     user = "user root;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(f"    {kind}_temp_path {run_dir}/{kind}_temp;"
-                     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp = "\n".join(
+        f"    {kind}_temp_path {run_dir}/{kind}_temp;"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     # No access log: a cost the other rows do not pay either.
     return f"""daemon off;
 {user}worker_processes 1;
@@ -108,16 +117,38 @@ def start_php(run_dir: Path, port: int, cores: str) -> tuple[list[subprocess.Pop
     (run_dir / "php-fpm.conf").write_text(php_fpm_config(run_dir, www))
     (run_dir / "nginx.conf").write_text(nginx_config(run_dir, www, port))
     fpm = subprocess.Popen(
-        ["taskset", "-c", cores, _executable("php-fpm", "php-fpm*"), "--nodaemonize",
-         "--fpm-config", str(run_dir / "php-fpm.conf"), *(["-R"] if os.geteuid() == 0 else [])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "taskset",
+            "-c",
+            cores,
+            _executable("php-fpm", "php-fpm*"),
+            "--nodaemonize",
+            "--fpm-config",
+            str(run_dir / "php-fpm.conf"),
+            *(["-R"] if os.geteuid() == 0 else []),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     procs = [fpm]
     try:
         _wait_for(socket.socket(socket.AF_UNIX), str(run_dir / "php-fpm.sock"), "php-fpm", fpm)
         nginx = subprocess.Popen(
-            ["taskset", "-c", cores, _executable("nginx"), "-p", str(run_dir),
-             "-c", str(run_dir / "nginx.conf"), "-e", str(run_dir / "nginx-error.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "taskset",
+                "-c",
+                cores,
+                _executable("nginx"),
+                "-p",
+                str(run_dir),
+                "-c",
+                str(run_dir / "nginx.conf"),
+                "-e",
+                str(run_dir / "nginx-error.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         procs.append(nginx)
         _wait_for(socket.socket(), ("127.0.0.1", port), "nginx", nginx)
     except BaseException:
@@ -140,8 +171,12 @@ def start_node(run_dir: Path, cores: str) -> tuple[list[subprocess.Popen[bytes]]
     script = run_dir / "allegro-server.js"
     script.write_text(source.replace(old, new))
     # stdout to /dev/null: the script's console.log of each post costs it less than a terminal.
-    node = subprocess.Popen(["taskset", "-c", cores, _executable("node", "nodejs"), str(script)],
-                            cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = subprocess.Popen(
+        ["taskset", "-c", cores, _executable("node", "nodejs"), str(script)],
+        cwd=store,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(socket.socket(), ("127.0.0.1", NODE_PORT), "node", node)
     except BaseException:
@@ -163,8 +198,9 @@ def stored_bytes(store: Path) -> int:
 
 def check_answer(port: int, path: str, body: bytes, content_type: str, expected: bytes) -> None:
     """One post as a device makes it: the answer must be 200 and `expected`."""
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
-                                     headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body, headers={"Content-Type": content_type}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         answer = response.read()
     if answer != expected:

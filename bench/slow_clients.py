@@ -31,9 +31,11 @@ async def slow_device(port: int, seconds: float, opened: list[int]) -> None:
         return
     opened[0] += 1
     body = form(random.randrange(10**6), 0)
-    writer.write(b"POST /wattmon HTTP/1.1\r\nHost: ingestd\r\n"
-                 b"Content-Type: application/x-www-form-urlencoded\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body))
+    writer.write(
+        b"POST /wattmon HTTP/1.1\r\nHost: ingestd\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
     deadline = now() + seconds
     sent = 0
     try:
@@ -56,8 +58,11 @@ async def honest(url: str, rate: float, seconds: float) -> list[float]:
         started = now()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
             # 100 honest devices, each posting its next block
-            async with s.post(f"{url}/wattmon", data=form(n % 100, n // 100 + 1),
-                              headers={"Content-Type": "application/x-www-form-urlencoded"}) as r:
+            async with s.post(
+                f"{url}/wattmon",
+                data=form(n % 100, n // 100 + 1),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            ) as r:
                 ok = r.status == 200 and await r.text() == "OK"
         if ok:
             latencies.append(now() - started)
@@ -90,10 +95,14 @@ async def run(args: argparse.Namespace) -> None:
     held_rss = rss_bytes(proc.pid)
     latencies = await honest(url, args.honest_rate, args.seconds)
     end_rss = rss_bytes(proc.pid)
-    print(f"slow connections open: {opened[0]}; ingestd RSS idle {base_rss / 2**20:.0f} MiB, "
-          f"with them {held_rss / 2**20:.0f} MiB, after honest load {end_rss / 2**20:.0f} MiB")
-    print(f"honest posts: {len(latencies)}, latency p50 {percentile(latencies, 50) * 1000:.1f} ms, "
-          f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+    print(
+        f"slow connections open: {opened[0]}; ingestd RSS idle {base_rss / 2**20:.0f} MiB, "
+        f"with them {held_rss / 2**20:.0f} MiB, after honest load {end_rss / 2**20:.0f} MiB"
+    )
+    print(
+        f"honest posts: {len(latencies)}, latency p50 {percentile(latencies, 50) * 1000:.1f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
+    )
     for task in slow:
         task.cancel()
     await asyncio.gather(*slow, return_exceptions=True)

@@ -58,9 +58,7 @@ def load(protocol: str, count: int) -> list[Record | Quarantined]:
                     body, "application/x-www-form-urlencoded", received_at=now, require_md5=False
                 )
             else:
-                item = jsonpost.parse(
-                    body, path=path.decode(), remote="127.0.0.1", received_at=now
-                )
+                item = jsonpost.parse(body, path=path.decode(), remote="127.0.0.1", received_at=now)
             if item is not None:
                 items.append(item)
             if len(items) == count:
@@ -75,9 +73,7 @@ def run(
     prof: cProfile.Profile | None,
 ) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        config = StorageConfig(
-            data_dir=tmp, fsync=args.fsync, max_open_files=args.max_open_files
-        )
+        config = StorageConfig(data_dir=tmp, fsync=args.fsync, max_open_files=args.max_open_files)
         if args.window:
             fill_windows(Path(tmp), items, args.window)
         sink = FileSink(Path(tmp), config)
@@ -135,8 +131,12 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, help="where the data dirs go (default: $TMPDIR)")
     parser.add_argument("--cold-log", action="store_true", help="time zero-filling the log too")
     parser.add_argument("--window", type=int, default=0, help="keys each device starts with")
-    parser.add_argument("--max-open-files", type=int, default=StorageConfig().max_open_files,
-                        help="devices the writer keeps open (fewer: reloads)")
+    parser.add_argument(
+        "--max-open-files",
+        type=int,
+        default=StorageConfig().max_open_files,
+        help="devices the writer keeps open (fewer: reloads)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile top 20 of one run")
     args = parser.parse_args()
     if not (BODIES / "wattmon.txt").exists():

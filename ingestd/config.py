@@ -198,12 +198,11 @@ def parse_listen(value: str) -> tuple[str, int]:
         if not _is_ip(host, version=6):
             raise ConfigError(f"server.listen: {host!r} in [] is not an IPv6 address")
     elif ":" in host:
-        raise ConfigError(f"server.listen: write an IPv6 address in [], e.g. [::1]:8080, "
-                          f"got {value!r}")
-    elif host and not _is_ip(host, version=4) and not _HOSTNAME.fullmatch(host):
         raise ConfigError(
-            f"server.listen: {host!r} is neither an IP address nor a host name"
+            f"server.listen: write an IPv6 address in [], e.g. [::1]:8080, got {value!r}"
         )
+    elif host and not _is_ip(host, version=4) and not _HOSTNAME.fullmatch(host):
+        raise ConfigError(f"server.listen: {host!r} is neither an IP address nor a host name")
     return host or "0.0.0.0", int(port)
 
 
@@ -391,9 +390,7 @@ def _jetstream(js: JetStreamConfig, *, used: bool) -> None:
     if not _STREAM_NAME.fullmatch(js.stream):
         raise ConfigError("jetstream.stream: 1-255 of A-Z a-z 0-9 _ -")
     if not all(_SUBJECT_TOKEN.fullmatch(t) for t in js.subject_prefix.split(".")):
-        raise ConfigError(
-            "jetstream.subject_prefix: dot-separated tokens without spaces, * or >"
-        )
+        raise ConfigError("jetstream.subject_prefix: dot-separated tokens without spaces, * or >")
     if not 1 <= js.replicas <= 5:
         raise ConfigError(f"jetstream.replicas: must be 1 to 5, got {js.replicas}")
     if js.max_age_days < 0:
@@ -436,7 +433,10 @@ RELOADABLE = frozenset(
             f"{route}.{name}"
             for route in ("wattmon", "json")
             for name in (
-                "token", "token_file", "allowed_networks", "rate_limit_per_min",
+                "token",
+                "token_file",
+                "allowed_networks",
+                "rate_limit_per_min",
                 "rate_limit_burst",
             )
         ),

@@ -230,7 +230,11 @@ def split_block(data: bytes, max_columns: int = 1_000) -> tuple[bytes, bytes, in
     for number, row_width in enumerate(widths[1:], start=2):
         if row_width != width:
             raise MalformedBlock(f"line {number} has {row_width} columns, header has {width}")
-    return lines[0] + b"\n", b"\n".join(lines[1:]) + b"\n" if len(lines) > 1 else b"", len(lines) - 1
+    return (
+        lines[0] + b"\n",
+        b"\n".join(lines[1:]) + b"\n" if len(lines) > 1 else b"",
+        len(lines) - 1,
+    )
 
 
 def _column_counts(lines: list[bytes], *, quoted: bool) -> list[int]:

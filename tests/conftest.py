@@ -68,9 +68,7 @@ class FastTestServer(TestServer):
 
 
 @pytest.fixture
-def start_client(
-    tmp_path: Path, clock: FakeClock
-) -> Callable[..., Any]:
+def start_client(tmp_path: Path, clock: FakeClock) -> Callable[..., Any]:
     """`await start_client(config=None, **storage)` -> a TestClient on a real server."""
     clients: list[TestClient] = []
 
@@ -111,4 +109,3 @@ def wattmon_form(mac: str, data: bytes | str, md5: str | None = "auto") -> str:
 
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-

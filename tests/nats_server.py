@@ -54,8 +54,15 @@ class NatsServer:
             extra += ["--auth", self.token]
         for attempt in range(20):
             proc = await asyncio.create_subprocess_exec(
-                NATS_SERVER, *extra, "-js", "-sd", str(self.store_dir),
-                "-a", "127.0.0.1", "-p", str(self.port),
+                NATS_SERVER,
+                *extra,
+                "-js",
+                "-sd",
+                str(self.store_dir),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,

@@ -24,25 +24,37 @@ from ingestd.cli import main
 def make_certificate(folder: Path) -> tuple[Path, Path]:
     cert, key = folder / "cert.pem", folder / "cert.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "2", "-subj", "/CN=ingestd-test",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ingestd-test",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
 
-def check_config(
-    path: Path, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
+def check_config(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = main(["check-config", str(path)])
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def serve(
-    path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str]:
+def serve(path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     code = main(["serve", "--config", str(path), "--data-dir", str(data_dir)])
     _, err = capsys.readouterr()
     return code, err
@@ -78,14 +90,19 @@ REFUSED = {
     "listen-label-too-long": (f'[server]\nlisten = "{"a" * 64}.example:80"\n', ["server.listen"]),
     "listen-label-starts-with-dash": ('[server]\nlisten = "-host:8080"\n', ["server.listen"]),
     "nan-duration": ("[server]\nshutdown_timeout_secs = nan\n", ["server.shutdown_timeout_secs"]),
-    "inf-duration": ("[storage]\ncheckpoint_interval_secs = inf\n",
-                     ["storage.checkpoint_interval_secs"]),
+    "inf-duration": (
+        "[storage]\ncheckpoint_interval_secs = inf\n",
+        ["storage.checkpoint_interval_secs"],
+    ),
     "minus-inf": ("[storage]\nretention_days = -inf\n", ["storage.retention_days"]),
     "nan-rate": ("[json]\nrate_limit_per_min = nan\n", ["json.rate_limit_per_min"]),
-    "nan-jetstream-timeout": ("[jetstream]\npublish_timeout_secs = nan\n",
-                              ["jetstream.publish_timeout_secs"]),
+    "nan-jetstream-timeout": (
+        "[jetstream]\npublish_timeout_secs = nan\n",
+        ["jetstream.publish_timeout_secs"],
+    ),
     "nats-url-bad-scheme": (
-        '[jetstream]\nservers = ["htp:/bad"]\n', ["jetstream.servers", "htp:/bad"]
+        '[jetstream]\nservers = ["htp:/bad"]\n',
+        ["jetstream.servers", "htp:/bad"],
     ),
     "nats-url-no-host": ('[jetstream]\nservers = ["nats://:4222"]\n', ["jetstream.servers"]),
     "nats-url-bad-port": ('[jetstream]\nservers = ["nats://host:99999"]\n', ["jetstream.servers"]),
@@ -168,9 +185,21 @@ def test_start_up_failure_of_storage_names_the_data_dir(tmp_path: Path) -> None:
     data_dir = blocker / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS")}
     done = subprocess.run(
-        [sys.executable, "-m", "ingestd", "serve", "--listen", "127.0.0.1:0",
-         "--data-dir", str(data_dir)],
-        capture_output=True, text=True, timeout=60, check=False, env=env,
+        [
+            sys.executable,
+            "-m",
+            "ingestd",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
     )
     assert done.returncode == 1, done.stderr
     assert "startup_failed" in done.stderr, done.stderr

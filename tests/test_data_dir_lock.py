@@ -60,7 +60,12 @@ async def test_second_instance_exits_naming_the_holder_and_touches_nothing(
             assert any(name.endswith(".csv") for name in before)
 
             second = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "ingestd", "serve", "--config", str(config),
+                sys.executable,
+                "-m",
+                "ingestd",
+                "serve",
+                "--config",
+                str(config),
                 stderr=asyncio.subprocess.PIPE,
             )
             _, err = await asyncio.wait_for(second.communicate(), 30)

@@ -89,8 +89,13 @@ async def test_malformed_request_gets_a_fixed_error_body(
 
 
 @pytest.mark.parametrize(
-    "raw", [MALFORMED["bare-lf-head"], MALFORMED["bare-lf-after-request-line"],
-            MALFORMED["bare-cr-in-header"], "GET /healthz HTTP/1.1\nHost: c\n\n"],
+    "raw",
+    [
+        MALFORMED["bare-lf-head"],
+        MALFORMED["bare-lf-after-request-line"],
+        MALFORMED["bare-cr-in-header"],
+        "GET /healthz HTTP/1.1\nHost: c\n\n",
+    ],
     ids=["bare-lf-head", "bare-lf-after-request-line", "bare-cr-in-header", "bare-lf-get"],
 )
 async def test_bare_line_ends_get_the_same_answer_on_both_paths(
@@ -105,7 +110,9 @@ async def test_bare_line_ends_get_the_same_answer_on_both_paths(
     assert "aiohttp" in served.server
     assert_fixed_error(fresh)
     assert (fresh.status, fresh.text, fresh.headers["content-type"]) == (
-        served.status, served.text, served.headers["content-type"],
+        served.status,
+        served.text,
+        served.headers["content-type"],
     )
 
 
@@ -135,12 +142,14 @@ AFTER_THE_HEAD = {
         417,
     ),
     "unknown-expectation-on-a-state-path": (
-        f"GET /healthz HTTP/1.1\r\nHost: c\r\nExpect: {MARK}\r\n\r\n", 417,
+        f"GET /healthz HTTP/1.1\r\nHost: c\r\nExpect: {MARK}\r\n\r\n",
+        417,
     ),
     # Decoded as it is read, by the handler: not gzip at all.
     "gzip-body-that-is-not-gzip": (
         "POST /s HTTP/1.1\r\nHost: c\r\nContent-Encoding: gzip\r\nContent-Length: 11\r\n\r\n"
-        f"{MARK}", 400,
+        f"{MARK}",
+        400,
     ),
     "deflate-body-that-is-not-deflate": (
         "POST /wattmon HTTP/1.1\r\nHost: c\r\nContent-Encoding: deflate\r\n"

@@ -112,7 +112,6 @@ async def test_lists_posted_devices_with_their_counters(client, tmp_path):
     }
 
 
-
 async def test_the_status_page_counts_rows_not_records(client):
     """A block or document is what a device posts (a "record" in the metrics
     and STATUS=); a row is a line of its file. The page shows rows."""
@@ -120,6 +119,7 @@ async def test_the_status_page_counts_rows_not_records(client):
     assert '"Rows"' in page and " rows per minute" in page
     assert "d.rows" in page and "d.hourly_rows" in page and "s.rows_per_minute" in page
     assert "Records" not in page and "records per minute" not in page
+
 
 async def test_bad_json_is_the_streams_last_error(client):
     resp = await client.post("/site-b", data=b"{nope", headers=JSON)
@@ -286,7 +286,6 @@ async def test_startup_scan_lists_devices_seen_only_on_disk(start_client, tmp_pa
     assert a["current_file"] == f"wattmon/{MAC_A}/2026-11-21.csv"
 
 
-
 @pytest.mark.parametrize("gzipped", [False, True])
 async def test_first_seen_survives_a_restart(start_client, tmp_path, clock, gzipped):
     """The time of the first stored block, not the start of its file's day."""
@@ -307,6 +306,7 @@ async def test_first_seen_survives_a_restart(start_client, tmp_path, clock, gzip
     assert devices[MAC_A]["first_seen"] == "2026-11-21T11:00:00.250Z"
     assert devices["site-c"]["first_seen"] == "2026-11-21T11:00:00.250Z"
 
+
 def test_live_state_wins_over_the_scan():
     registry = DeviceRegistry()
     registry.on_result(Record("wattmon", MAC_A, T0, b"1\n", count=1), Outcome.QUARANTINED)
@@ -319,7 +319,10 @@ def test_live_state_wins_over_the_scan():
     b = registry.get("wattmon", MAC_B)
     assert b is not None
     assert (b.first_seen, b.last_seen, b.quarantined, b.current_file) == (
-        T0 - 10, T0 - 5, 3, f"wattmon/{MAC_B}/2026-11-20.csv"
+        T0 - 10,
+        T0 - 5,
+        3,
+        f"wattmon/{MAC_B}/2026-11-20.csv",
     )
 
 

@@ -30,12 +30,13 @@ def test_closed_files_are_gzipped_and_the_newest_left_alone(tmp_path):
     report = sweep(tmp_path, KEEP_ALL)
     assert report.compressed == 2
     assert sorted(p.name for p in folder.iterdir()) == [
-        "2026-11-20.csv.gz", "2026-11-21.csv.gz", "2026-11-21_0001.csv",
+        "2026-11-20.csv.gz",
+        "2026-11-21.csv.gz",
+        "2026-11-21_0001.csv",
     ]
     assert gzip.decompress((folder / "2026-11-20.csv.gz").read_bytes()) == (
         b"Time,V\nrow-of-2026-11-20.csv\n"
     )
-
 
 
 def test_the_newest_file_is_found_across_a_rotate_period_change(tmp_path):
@@ -45,8 +46,11 @@ def test_the_newest_file_is_found_across_a_rotate_period_change(tmp_path):
     make_files(folder, ["2026-11-21T08.csv", "2026-11-21T09.csv", "2026-11-21_0001.csv"])
     assert sweep(tmp_path, KEEP_ALL).compressed == 2
     assert sorted(p.name for p in folder.iterdir()) == [
-        "2026-11-21T08.csv.gz", "2026-11-21T09.csv.gz", "2026-11-21_0001.csv",
+        "2026-11-21T08.csv.gz",
+        "2026-11-21T09.csv.gz",
+        "2026-11-21_0001.csv",
     ]
+
 
 def test_recently_written_files_wait(tmp_path):
     folder = tmp_path / "json" / "s"
@@ -61,7 +65,9 @@ def test_leftovers_of_a_crash_mid_compression_are_cleaned(tmp_path):
     (folder / "2026-11-20.csv.gz").write_bytes(gzip.compress(b"Time,V\nrow-of-2026-11-20.csv\n"))
     sweep(tmp_path, KEEP_ALL)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "2026-11-19.csv.gz", "2026-11-20.csv.gz", "2026-11-21.csv",
+        "2026-11-19.csv.gz",
+        "2026-11-20.csv.gz",
+        "2026-11-21.csv",
     ]
 
 

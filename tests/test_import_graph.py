@@ -201,7 +201,10 @@ def test_serving_imports_no_tool():
         "if m in ('nats', 'ingestd.tools.export', 'ingestd.tools.simulate')))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], check=True, capture_output=True, text=True,
+        [sys.executable, "-c", code],
+        check=True,
+        capture_output=True,
+        text=True,
         cwd=PACKAGE.parent,
     ).stdout
     assert out.strip() == "[]"

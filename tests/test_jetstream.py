@@ -170,9 +170,7 @@ async def test_records_are_published_with_subjects_headers_and_bodies(
     assert not (tmp_path / "data" / "json").exists()
 
 
-async def test_resends_are_stored_once_by_the_server(
-    start_client, nats_server, tmp_path, clock
-):
+async def test_resends_are_stored_once_by_the_server(start_client, nats_server, tmp_path, clock):
     client = await start(start_client, js_config(tmp_path / "data", nats_server))
     for _ in range(3):
         assert (await post_block(client, BLOCK))[:2] == (200, "OK")
@@ -336,13 +334,15 @@ def device_files(root: Path) -> dict[str, bytes]:
     }
 
 
-async def test_export_rebuilds_what_the_file_sink_wrote(
-    start_client, nats_server, tmp_path, clock
-):
+async def test_export_rebuilds_what_the_file_sink_wrote(start_client, nats_server, tmp_path, clock):
     window = 0.3
     config = js_config(
-        tmp_path / "data", nats_server, wattmon="both", json_sink="both",
-        storage={"max_file_bytes": 120}, duplicate_window_secs=window,
+        tmp_path / "data",
+        nats_server,
+        wattmon="both",
+        json_sink="both",
+        storage={"max_file_bytes": 120},
+        duplicate_window_secs=window,
     )
     client = await start(start_client, config)
     other = "AA-BB-CC-DD-EE-FF"
@@ -394,8 +394,9 @@ async def test_export_rebuilds_what_the_file_sink_wrote(
     assert device_files(out) == written
 
     # From a sequence: the stream's tail only (whose blocks the window drops).
-    tail = await export(dataclasses.replace(options, out=tmp_path / "tail", durable=None,
-                                            from_seq=summary.last_seq))
+    tail = await export(
+        dataclasses.replace(options, out=tmp_path / "tail", durable=None, from_seq=summary.last_seq)
+    )
     assert tail.messages == 1
     assert list(device_files(tmp_path / "tail")) == ["json/mm.1/2026-11-22.jsonl"]
 
@@ -495,11 +496,20 @@ def test_export_exits_nonzero_without_a_server(tmp_path):
     """`python -m ingestd.tools.export` against nothing: a clear error, exit 1."""
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "ingestd.tools.export", "--servers", "nats://127.0.0.1:1",
-         "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "ingestd.tools.export",
+            "--servers",
+            "nats://127.0.0.1:1",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 1, proc.stderr
     assert "export_failed" in proc.stderr
     assert time.monotonic() - started < 30
-

@@ -19,7 +19,8 @@ async def test_a_flood_of_refusals_logs_a_few_lines_and_counts_them_all(client, 
     caplog.set_level(logging.INFO, logger="ingestd.http")
     for n in range(60):
         resp = await client.post(
-            "/wattmon", data=wattmon_form(f"0000000001{n:02x}", "T,V\nt,1\n", md5="0" * 32),
+            "/wattmon",
+            data=wattmon_form(f"0000000001{n:02x}", "T,V\nt,1\n", md5="0" * 32),
             headers=FORM,
         )
         assert resp.status == 400

@@ -82,7 +82,8 @@ column_names = st.builds(
     st.text(cell_chars, max_size=9),
 )
 timestamps = st.datetimes(
-    min_value=datetime(2000, 1, 1), max_value=datetime(2099, 12, 31)  # noqa: DTZ001
+    min_value=datetime(2000, 1, 1),  # noqa: DTZ001
+    max_value=datetime(2099, 12, 31),  # noqa: DTZ001
 ).map(lambda moment: moment.strftime("%Y-%m-%d %H:%M:%S"))
 readings = st.one_of(
     st.integers(-(10**9), 10**9).map(str),
@@ -364,9 +365,7 @@ def test_parse_form_fuzz_raw_header_bytes(content_type: str, body: bytes) -> Non
 def test_wattmon_parse_fuzz(pair: tuple[bytes, str], require_md5: bool) -> None:
     body, content_type = pair
     try:
-        result = wattmon.parse(
-            body, content_type, received_at=RECEIVED_AT, require_md5=require_md5
-        )
+        result = wattmon.parse(body, content_type, received_at=RECEIVED_AT, require_md5=require_md5)
     except IngestError as exc:
         event(type(exc).__name__)
         return
@@ -392,9 +391,7 @@ def test_wattmon_parse_fuzz(pair: tuple[bytes, str], require_md5: bool) -> None:
 @given(body=st.binary(max_size=300), content_type=content_types, require_md5=st.booleans())
 def test_wattmon_parse_fuzz_any_bytes(body: bytes, content_type: str, require_md5: bool) -> None:
     try:
-        result = wattmon.parse(
-            body, content_type, received_at=RECEIVED_AT, require_md5=require_md5
-        )
+        result = wattmon.parse(body, content_type, received_at=RECEIVED_AT, require_md5=require_md5)
     except IngestError:
         return
     assert result is None or isinstance(result, Record | Quarantined)
@@ -654,12 +651,15 @@ def test_missing_md5(block: tuple[list[str], bytes], empty: str | None) -> None:
 
 
 def test_md5_is_checked_before_an_empty_block_is_accepted() -> None:
-    assert wattmon.parse(
-        form(key="001122334455", md5sum=md5_hex(b""), data=b""),
-        URLENCODED,
-        received_at=RECEIVED_AT,
-        require_md5=True,
-    ) is None
+    assert (
+        wattmon.parse(
+            form(key="001122334455", md5sum=md5_hex(b""), data=b""),
+            URLENCODED,
+            received_at=RECEIVED_AT,
+            require_md5=True,
+        )
+        is None
+    )
     with pytest.raises(Md5Mismatch):
         wattmon.parse(
             form(key="001122334455", md5sum="0" * 32, data=b""),
@@ -720,9 +720,11 @@ def near_macs(draw: st.DrawFn) -> bytes:
         raw += draw(st.sampled_from([b"0", b"F", b":00", b"-0"]))
     elif fix == "nonhex":
         at = draw(st.integers(0, len(raw) - 1))
-        raw = raw[:at] + draw(st.sampled_from([b"g", b"G", b"x", b"\xff", b"\xd9\xa1"])) + raw[
-            at + 1 :
-        ]
+        raw = (
+            raw[:at]
+            + draw(st.sampled_from([b"g", b"G", b"x", b"\xff", b"\xd9\xa1"]))
+            + raw[at + 1 :]
+        )
     elif fix == "space":
         raw = draw(st.sampled_from([b" ", b"\t"])) + raw
     elif fix == "mutate":
@@ -765,7 +767,6 @@ def test_parse_strips_whitespace_around_key(key: bytes) -> None:
     assert result.device_id == "001122334455"
 
 
-
 # --------------------------------------------------------------------------
 # 6b. Valid CSV that is not one row a line; lines of only whitespace
 # --------------------------------------------------------------------------
@@ -779,8 +780,11 @@ def csv_rows(text: bytes) -> list[list[str]]:
 @pytest.mark.parametrize(
     ("data", "rows", "count"),
     [
-        (b'Time,Note\n2026-11-21 08:00:00,"one\ntwo"\n2026-11-21 08:01:00,x\n',
-         b'2026-11-21 08:00:00,"one\ntwo"\n2026-11-21 08:01:00,x\n', 2),
+        (
+            b'Time,Note\n2026-11-21 08:00:00,"one\ntwo"\n2026-11-21 08:01:00,x\n',
+            b'2026-11-21 08:00:00,"one\ntwo"\n2026-11-21 08:01:00,x\n',
+            2,
+        ),
         # a blank line inside the quotes is the field's, not a blank line
         (b'T,N\nt,"a\n\nb"\n', b't,"a\n\nb"\n', 1),
         # line ends become \n, also inside quotes (as everywhere in a block)
@@ -1062,7 +1066,10 @@ def test_jsonpost_round_trip(
     as_sent = body.decode().replace("\r", " ").replace("\n", " ").strip()
     assert record.payload.endswith(b',"body":' + as_sent.encode() + b"}\n")
     if idempotency_key:
-        assert record.dedup_key == hashlib.sha256(idempotency_key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        assert (
+            record.dedup_key
+            == hashlib.sha256(idempotency_key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        )
     else:
         assert record.dedup_key is None
 

@@ -32,10 +32,16 @@ def block(i: int) -> str:
 async def test_full_queue_answers_503_with_retry_after(start_client, tmp_path, disk_gate):
     client = await start_client(queue_max_records=1, enqueue_timeout_secs=0.05)
     hold_writer(client, disk_gate)
-    first = asyncio.create_task(client.post("/wattmon", data=wattmon_form("000000000001", block(1)), headers=FORM))
-    second = asyncio.create_task(client.post("/wattmon", data=wattmon_form("000000000002", block(2)), headers=FORM))
+    first = asyncio.create_task(
+        client.post("/wattmon", data=wattmon_form("000000000001", block(1)), headers=FORM)
+    )
+    second = asyncio.create_task(
+        client.post("/wattmon", data=wattmon_form("000000000002", block(2)), headers=FORM)
+    )
     await asyncio.sleep(0.05)  # let the writer take the first and the queue hold the second
-    refused = await client.post("/wattmon", data=wattmon_form("000000000003", block(3)), headers=FORM)
+    refused = await client.post(
+        "/wattmon", data=wattmon_form("000000000003", block(3)), headers=FORM
+    )
     assert refused.status == 503
     assert (await refused.text()) == "ERROR: queue full; retry later"
     assert int(refused.headers["Retry-After"]) > 0

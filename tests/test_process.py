@@ -835,7 +835,7 @@ async def test_sigkill_loop_loses_and_duplicates_nothing_acknowledged(
     # with both write-ahead logs holding frames.
     config.write_text(
         f"[server]\nworkers = {workers}\n"
-        f"[storage]\nmax_file_bytes = 4096\nfsync = \"{fsync}\"\ncheckpoint_interval_secs = 0.2\n"
+        f'[storage]\nmax_file_bytes = 4096\nfsync = "{fsync}"\ncheckpoint_interval_secs = 0.2\n'
     )
     rng = random.Random(7)
     devices = [Device(i, random.Random(rng.random())) for i in range(30)]

@@ -17,8 +17,9 @@ DEVICE = "001122334455"
 
 def block(i: int) -> Record:
     rows = f"2026-11-21 00:0{i}:00,{i}\n".encode()
-    return Record("wattmon", DEVICE, 1_795_248_000.0 + i, rows, HEADER,
-                  hashlib.md5(rows).hexdigest(), 1)
+    return Record(
+        "wattmon", DEVICE, 1_795_248_000.0 + i, rows, HEADER, hashlib.md5(rows).hexdigest(), 1
+    )
 
 
 def test_failed_quarantine_leaves_the_devices_other_writes_whole(tmp_path):

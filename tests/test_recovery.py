@@ -26,7 +26,9 @@ MAC = "001122334455"
 
 def record(i: int, key: str | None = None) -> Record:
     header, rows, count = split_block(f"Time,Seq\n2026-11-21 08:00:{i:02d},{i}\n".encode())
-    return Record("wattmon", MAC, T0 + i, rows, header=header, dedup_key=key or f"{i:032x}", count=count)
+    return Record(
+        "wattmon", MAC, T0 + i, rows, header=header, dedup_key=key or f"{i:032x}", count=count
+    )
 
 
 async def open_sink(data_dir: Path) -> FileSink:
@@ -131,8 +133,14 @@ def file_size_limit(max_bytes: int) -> Iterator[None]:
 async def test_write_refused_after_logging_stays_refused_after_a_crash(tmp_path):
     live = tmp_path / "live"
     sink = await open_sink(live)
-    big = Record("wattmon", MAC, T0, b"2026-11-21 07:00:00," + b"x" * 100_000 + b"\n",
-                 header=b"Time,Seq\n", dedup_key="f" * 32)
+    big = Record(
+        "wattmon",
+        MAC,
+        T0,
+        b"2026-11-21 07:00:00," + b"x" * 100_000 + b"\n",
+        header=b"Time,Seq\n",
+        dedup_key="f" * 32,
+    )
     assert await sink.commit([big]) == [Outcome.STORED]
     await sink.close()  # the log is empty again; the device file is 100 KB
     sink = await open_sink(live)

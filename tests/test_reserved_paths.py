@@ -83,5 +83,8 @@ async def test_paths_beside_the_reserved_ones_are_streams(
         assert (answer.status, answer.text) == (200, "OK"), path
     await client.close()
     assert sorted(p.name for p in (data_dir / "json").iterdir()) == [
-        "api", "healthz2", "metrics-site-a", "statusx",
+        "api",
+        "healthz2",
+        "metrics-site-a",
+        "statusx",
     ]

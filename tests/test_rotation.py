@@ -38,8 +38,12 @@ def test_names_round_trip_and_sort_in_time_order():
     assert sorted(names) == names
     # `ls` order too, in the C locale
     listed = subprocess.run(
-        ["sort"], input="\n".join(reversed(names)), capture_output=True, text=True,
-        env={"LC_ALL": "C"}, check=True,
+        ["sort"],
+        input="\n".join(reversed(names)),
+        capture_output=True,
+        text=True,
+        env={"LC_ALL": "C"},
+        check=True,
     ).stdout.split()
     assert listed == names
     for name in names:
@@ -114,10 +118,13 @@ async def test_rotation_by_size_on_disk(start_client, tmp_path):
     assert rows == [f"2026-11-21 08:00:{i:02d},{i:05d}" for i in range(20)]
 
 
-@pytest.mark.parametrize(("period", "step", "names"), [
-    ("day", 24 * 3600, ["2026-11-21.csv", "2026-11-22.csv"]),
-    ("hour", 3600, ["2026-11-21T08.csv", "2026-11-21T09.csv"]),
-])
+@pytest.mark.parametrize(
+    ("period", "step", "names"),
+    [
+        ("day", 24 * 3600, ["2026-11-21.csv", "2026-11-22.csv"]),
+        ("hour", 3600, ["2026-11-21T08.csv", "2026-11-21T09.csv"]),
+    ],
+)
 async def test_rotation_by_period_on_disk(start_client, tmp_path, clock, period, step, names):
     client = await start_client(rotate_period=period)
     for i in range(2):
@@ -136,7 +143,10 @@ async def test_json_streams_rotate_by_period_too(start_client, tmp_path, clock):
     clock.now += 24 * 3600
     await client.post("/s", data=b"2")
     folder = tmp_path / "data" / "json" / "s"
-    assert sorted(p.name for p in folder.glob("*.jsonl")) == ["2026-11-21.jsonl", "2026-11-22.jsonl"]
+    assert sorted(p.name for p in folder.glob("*.jsonl")) == [
+        "2026-11-21.jsonl",
+        "2026-11-22.jsonl",
+    ]
 
 
 async def test_restart_continues_the_current_file_not_a_rotated_one(start_client, tmp_path):
@@ -206,8 +216,12 @@ async def test_rotate_period_changes_keep_names_in_time_order(start_client, tmp_
     name holds more than its hour."""
     folder = tmp_path / "data" / "wattmon" / "001122334455"
     sent: list[str] = []
-    runs = [("hour", [0, 1800, 3600]), ("day", [5400, 7200, 9000, 10800]),
-            ("hour", [12600, 14400]), ("day", [86400, 90000])]
+    runs = [
+        ("hour", [0, 1800, 3600]),
+        ("day", [5400, 7200, 9000, 10800]),
+        ("hour", [12600, 14400]),
+        ("day", [86400, 90000]),
+    ]
     start = clock.now  # 2026-11-21T08:00Z
     for period, offsets in runs:
         client = await start_client(rotate_period=period, max_file_bytes=120)

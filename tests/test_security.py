@@ -244,7 +244,6 @@ async def test_allowed_macs_any_spelling_others_403(start_client, tmp_path):
     assert sorted(p.parent.name for p in stored_files(tmp_path)) == [DEVICE, "aabbccddeeff"]
 
 
-
 @pytest.mark.parametrize(
     ("data", "md5"),
     [("", "auto"), ("Time,V\n", "auto"), ("Time,V\n\n", None), (BLOCK, "0" * 32)],
@@ -260,6 +259,7 @@ async def test_a_device_not_allowed_gets_403_whatever_it_posts(start_client, tmp
     assert resp.status == (400 if md5 == "0" * 32 else 200)
     devices = await (await client.get("/api/devices")).json()
     assert OTHER.replace(":", "").lower() not in {d["id"] for d in devices["devices"]}
+
 
 async def test_allowed_streams_others_403(start_client, tmp_path):
     client = await start_client(json_config(tmp_path, allowed_streams=("mm-1", "site-a_mm-2")))

@@ -63,13 +63,18 @@ def notify(tmp_path):
 
 
 async def post_block(session, url: str, mac: str = "001122334455", block: str = BLOCK, md5="auto"):
-    async with session.post(f"{url}/wattmon", data=wattmon_form(mac, block, md5), headers=FORM) as r:
+    async with session.post(
+        f"{url}/wattmon", data=wattmon_form(mac, block, md5), headers=FORM
+    ) as r:
         return r.status, await r.text()
 
 
 async def test_notify_ready_status_watchdog_reload_stopping(tmp_path, notify):
     daemon = await DaemonProcess.start(
-        "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path / "data"),
         env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "400000"},
     )
     try:
@@ -96,9 +101,16 @@ async def test_socket_activation_keeps_connections_across_a_restart(tmp_path):
     fd = listener.fileno()
     # systemd passes the socket as fd 3 with LISTEN_FDS=1 and our own PID.
     argv = [
-        "bash", "-c",
-        f'exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$; exec "$@"', "_",
-        sys.executable, "-m", "ingestd", "serve", "--data-dir", str(tmp_path / "data"),
+        "bash",
+        "-c",
+        f'exec 3<&{fd} {fd}<&-; export LISTEN_FDS=1 LISTEN_PID=$$; exec "$@"',
+        "_",
+        sys.executable,
+        "-m",
+        "ingestd",
+        "serve",
+        "--data-dir",
+        str(tmp_path / "data"),
     ]
     first = await DaemonProcess.start(argv=argv, pass_fds=[fd])
     assert first.port == port
@@ -124,22 +136,26 @@ async def test_socket_activation_keeps_connections_across_a_restart(tmp_path):
 
 
 async def test_sighup_applies_new_settings_and_refuses_a_broken_file(tmp_path):
-    config = write_config(tmp_path / "ingestd.toml", (
-        f'[server]\nlisten = "127.0.0.1:0"\n[storage]\ndata_dir = "{tmp_path / "data"}"\n'
-    ))
+    config = write_config(
+        tmp_path / "ingestd.toml",
+        (f'[server]\nlisten = "127.0.0.1:0"\n[storage]\ndata_dir = "{tmp_path / "data"}"\n'),
+    )
     daemon = await DaemonProcess.start("--config", str(config))
     try:
         async with aiohttp.ClientSession() as session:
             assert await post_block(session, daemon.url, md5=None) == (200, "OK")
-            config.write_text(config.read_text() + "[wattmon]\nrequire_md5 = true\n"
-                               'paths = ["/wattmon", "/push"]\n[log]\nformat = "json"\n')
+            config.write_text(
+                config.read_text() + "[wattmon]\nrequire_md5 = true\n"
+                'paths = ["/wattmon", "/push"]\n[log]\nformat = "json"\n'
+            )
             daemon.signal(signal.SIGHUP)
             line = await daemon.wait_for(b"reloaded")
             assert "wattmon.require_md5" in line and "needs_restart=-" in line
             status, text = await post_block(session, daemon.url, mac="00000000000b", md5=None)
             assert status == 400 and text.startswith("ERROR")
-            async with session.post(f"{daemon.url}/push", data=wattmon_form("00000000000c", BLOCK),
-                                    headers=FORM) as resp:
+            async with session.post(
+                f"{daemon.url}/push", data=wattmon_form("00000000000c", BLOCK), headers=FORM
+            ) as resp:
                 assert (resp.status, await resp.text()) == (200, "OK")
 
             config.write_text(config.read_text() + "[storage.bogus]\n")
@@ -153,7 +169,9 @@ async def test_sighup_applies_new_settings_and_refuses_a_broken_file(tmp_path):
 
 
 async def test_sighup_reopens_files_moved_away(tmp_path):
-    daemon = await DaemonProcess.start("--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"))
+    daemon = await DaemonProcess.start(
+        "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
+    )
     folder = tmp_path / "data" / "wattmon" / "001122334455"
     try:
         async with aiohttp.ClientSession() as session:
@@ -174,10 +192,28 @@ async def test_sighup_reopens_files_moved_away(tmp_path):
 def make_certificate(folder: Path, name: str) -> tuple[Path, Path]:
     cert, key = folder / f"{name}.pem", folder / f"{name}.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -198,10 +234,13 @@ async def test_tls_serves_https_and_a_renewed_certificate_needs_no_restart(tmp_p
     live_cert, live_key = tmp_path / "live.pem", tmp_path / "live.key"
     live_cert.write_bytes(old_cert.read_bytes())
     live_key.write_bytes(old_key.read_bytes())
-    config = write_config(tmp_path / "ingestd.toml", (
-        f'[server]\nlisten = "127.0.0.1:0"\ntls_cert = "{live_cert}"\ntls_key = "{live_key}"\n'
-        f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
-    ))
+    config = write_config(
+        tmp_path / "ingestd.toml",
+        (
+            f'[server]\nlisten = "127.0.0.1:0"\ntls_cert = "{live_cert}"\ntls_key = "{live_key}"\n'
+            f'[storage]\ndata_dir = "{tmp_path / "data"}"\n'
+        ),
+    )
     daemon = await DaemonProcess.start("--config", str(config))
     try:
         assert daemon.scheme == "https"
@@ -221,7 +260,9 @@ async def test_tls_serves_https_and_a_renewed_certificate_needs_no_restart(tmp_p
 async def test_metrics_count_requests_records_and_state(client):
     await client.post("/wattmon", data=wattmon_form("001122334455", BLOCK), headers=FORM)
     await client.post("/wattmon", data=wattmon_form("001122334455", BLOCK), headers=FORM)
-    await client.post("/wattmon", data=wattmon_form("001122334455", BLOCK, md5="0" * 32), headers=FORM)
+    await client.post(
+        "/wattmon", data=wattmon_form("001122334455", BLOCK, md5="0" * 32), headers=FORM
+    )
     await client.post("/stream-1", data=b'{"a": 1}')
     resp = await client.get("/metrics")
     assert resp.status == 200

@@ -26,7 +26,14 @@ import pytest
 from daemon import DaemonProcess
 
 from ingestd.cli import main
-from ingestd.tools.simulate import HEADER, Options, add_arguments, device_numbers, mac_of, parse_duration
+from ingestd.tools.simulate import (
+    HEADER,
+    Options,
+    add_arguments,
+    device_numbers,
+    mac_of,
+    parse_duration,
+)
 
 SIMULATE = (sys.executable, "-m", "ingestd", "simulate")
 FAST_RETRY = ("--backoff-base", "0.05", "--backoff-cap", "0.5")
@@ -34,8 +41,11 @@ FAST_RETRY = ("--backoff-base", "0.05", "--backoff-cap", "0.5")
 
 async def simulate(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        *SIMULATE, *args,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        *SIMULATE,
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         async with asyncio.timeout(30):
@@ -154,16 +164,45 @@ async def test_everything_acknowledged_is_stored_exactly_once(
     daemon: DaemonProcess, tmp_path: Path
 ) -> None:
     wattmon_record, json_record = tmp_path / "wattmon.jsonl", tmp_path / "json.jsonl"
-    common = ("--rate", "3", "--duration", "4s", "--json", "--slow-upload", "0.1",
-              "--duplicate-resend", "0.25", *FAST_RETRY)
+    common = (
+        "--rate",
+        "3",
+        "--duration",
+        "4s",
+        "--json",
+        "--slow-upload",
+        "0.1",
+        "--duplicate-resend",
+        "0.25",
+        *FAST_RETRY,
+    )
     (w_rc, w_out, w_err), (j_rc, j_out, j_err) = await asyncio.gather(
         simulate(
-            f"{daemon.url}/wattmon", "--devices", "5", "--seed", "7", *common,
-            "--corrupt-md5", "0.2", "--malformed-csv", "0.15", "--record", str(wattmon_record),
+            f"{daemon.url}/wattmon",
+            "--devices",
+            "5",
+            "--seed",
+            "7",
+            *common,
+            "--corrupt-md5",
+            "0.2",
+            "--malformed-csv",
+            "0.15",
+            "--record",
+            str(wattmon_record),
         ),
         simulate(
-            f"{daemon.url}/site-a", "--protocol", "json", "--devices", "4", "--seed", "7",
-            *common, "--idempotency-key", "--record", str(json_record),
+            f"{daemon.url}/site-a",
+            "--protocol",
+            "json",
+            "--devices",
+            "4",
+            "--seed",
+            "7",
+            *common,
+            "--idempotency-key",
+            "--record",
+            str(json_record),
         ),
     )
     assert (w_rc, j_rc) == (0, 0), (w_err, j_err)
@@ -175,8 +214,9 @@ async def test_everything_acknowledged_is_stored_exactly_once(
     record = await asyncio.to_thread(read_record, wattmon_record)
     check_summary(summary, record)
     faults = summary["faults"]
-    assert all(faults.get(k) for k in ("corrupt_md5", "duplicate_resend", "slow_upload",
-                                       "malformed_csv")), faults
+    assert all(
+        faults.get(k) for k in ("corrupt_md5", "duplicate_resend", "slow_upload", "malformed_csv")
+    ), faults
     assert summary["errors"] == {"http_400": faults["corrupt_md5"]}
     assert summary["unexpected_errors"] == 0
     assert "corrupt_md5_accepted" not in faults
@@ -228,9 +268,22 @@ async def test_everything_acknowledged_is_stored_exactly_once(
 async def test_sigint_stops_early_with_a_summary(daemon: DaemonProcess, tmp_path: Path) -> None:
     record = tmp_path / "record.jsonl"
     proc = await asyncio.create_subprocess_exec(
-        *SIMULATE, f"{daemon.url}/wattmon", "--devices", "3", "--rate", "5", "--duration", "1h",
-        "--json", "--record", str(record), "--progress-every", "0.1",
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        *SIMULATE,
+        f"{daemon.url}/wattmon",
+        "--devices",
+        "3",
+        "--rate",
+        "5",
+        "--duration",
+        "1h",
+        "--json",
+        "--record",
+        str(record),
+        "--progress-every",
+        "0.1",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
     try:
@@ -299,8 +352,16 @@ async def test_a_collector_that_never_answers_gives_timeouts() -> None:
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30), ("5m", 300), ("1h", 3600), ("90", 90), ("1.5", 1.5), ("0.5m", 30),
-     ("250ms", 0.25), (" 2S ", 2)],
+    [
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("90", 90),
+        ("1.5", 1.5),
+        ("0.5m", 30),
+        ("250ms", 0.25),
+        (" 2S ", 2),
+    ],
 )
 def test_parse_duration(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -367,9 +428,7 @@ def test_options() -> None:
     assert len(set(device_numbers(5, 1000))) == 1000
 
 
-def test_unwritable_record_file_exits_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_unwritable_record_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     record = tmp_path / "missing" / "record.jsonl"
     assert main(["simulate", "http://127.0.0.1:9/x", "--record", str(record)]) == 2
     assert "No such file" in capsys.readouterr().err

@@ -69,8 +69,9 @@ async def post_json(
 async def assert_export_rebuilds(config: Config, server: NatsServer, out: Path) -> None:
     """The stream, exported, gives the collector's files byte for byte."""
     written = stored_files(Path(config.storage.data_dir))
-    summary = await export(ExportOptions(out=out, jetstream=config.jetstream,
-                                         storage=config.storage))
+    summary = await export(
+        ExportOptions(out=out, jetstream=config.jetstream, storage=config.storage)
+    )
     assert summary.messages == len(await stream_messages(server))
     assert stored_files(out) == written
 
@@ -132,8 +133,7 @@ async def test_too_large_for_the_streams_max_msg_size_is_refused_with_413(
     would never get in, so it is a 413 (not a 503 forever), stored nowhere."""
     nc = await nats.connect(nats_server.url)
     try:
-        await nc.jetstream().add_stream(name="INGESTD", subjects=["ingestd.>"],
-                                        max_msg_size=2048)
+        await nc.jetstream().add_stream(name="INGESTD", subjects=["ingestd.>"], max_msg_size=2048)
     finally:
         await nc.close()
     client = await start(start_client, both_config(tmp_path / "data", nats_server))

@@ -171,8 +171,14 @@ def test_status_page(daemon: DaemonProcess, browser: webdriver.Chrome, tmp_path:
 
         # Sorting by a column keeps the silent device on top.
         browser.find_element(By.CSS_SELECTOR, "th[data-key=id] button").click()
-        wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "th[data-key=id]")
-             .get_attribute("aria-sort") == "ascending", "sorted by id")
+        wait(
+            browser,
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, "th[data-key=id]").get_attribute("aria-sort")
+                == "ascending"
+            ),
+            "sorted by id",
+        )
         order = [device for device, _ in rows(browser)]
         assert order == [f"wattmon/{SILENT}", *(f"wattmon/{m}" for m in ACTIVE), f"json/{STREAM}"]
         browser.find_element(By.CSS_SELECTOR, "th[data-key=id] button").click()
@@ -192,9 +198,12 @@ def test_status_page(daemon: DaemonProcess, browser: webdriver.Chrome, tmp_path:
 
         # The page refreshes itself: the records keep climbing.
         def records() -> int:
-            return int(browser.execute_script(
-                "return document.querySelector('#rows tr td.n').textContent.replace(/\\D/g, '');"
-            ))
+            return int(
+                browser.execute_script(
+                    "return document.querySelector('#rows tr td.n').textContent.replace(/\\D/g, '');"
+                )
+            )
+
         before = records()
         wait(browser, lambda d: records() > before, "a refresh with new records")
 

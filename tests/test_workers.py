@@ -62,7 +62,9 @@ async def test_resends_across_workers_are_stored_once_without_interleaving(tmp_p
                 body = wattmon_form(mac(n), block(n, seq))
                 # The block and its resend race on two connections, which the
                 # kernel hands to either worker.
-                results = await asyncio.gather(post_once(daemon.url, body), post_once(daemon.url, body))
+                results = await asyncio.gather(
+                    post_once(daemon.url, body), post_once(daemon.url, body)
+                )
                 assert results == [(200, "OK"), (200, "OK")]
 
         await asyncio.gather(*(device(n) for n in range(24)))
@@ -126,9 +128,10 @@ async def test_metrics_and_device_counts_cover_every_worker(tmp_path):
 async def test_state_requests_are_checked_against_the_devices_address(tmp_path):
     """Workers pass /api/devices to the main process over a Unix socket,
     naming the client's address; access rules apply to that address."""
-    config = write_config(tmp_path / "ingestd.toml", (
-        '[server]\nworkers = 2\n[status]\nallowed_networks = ["127.0.0.0/8"]\n'
-    ))
+    config = write_config(
+        tmp_path / "ingestd.toml",
+        ('[server]\nworkers = 2\n[status]\nallowed_networks = ["127.0.0.0/8"]\n'),
+    )
     daemon = await DaemonProcess.start(
         "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
     )
@@ -165,15 +168,16 @@ async def test_a_devices_data_through_a_worker_is_its_stored_rows(tmp_path):
     pad = "x" * 500
     try:
         for seq in range(300):
-            data = f"Time,Device,Seq,Pad\n2026-11-21 08:{seq // 60:02d}:{seq % 60:02d},0,{seq},{pad}\n"
+            data = (
+                f"Time,Device,Seq,Pad\n2026-11-21 08:{seq // 60:02d}:{seq % 60:02d},0,{seq},{pad}\n"
+            )
             assert await post_once(daemon.url, wattmon_form(mac(0), data)) == (200, "OK")
         bodies = []
         for _ in range(4):  # new connections: the workers take turns
-            async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True)
-            ) as session, session.get(
-                f"{daemon.url}/api/devices/{mac(0)}/data?format=csv"
-            ) as resp:
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session,
+                session.get(f"{daemon.url}/api/devices/{mac(0)}/data?format=csv") as resp,
+            ):
                 assert resp.status == 200, await resp.text()
                 bodies.append(await resp.read())
     finally:
@@ -197,8 +201,9 @@ async def test_a_devices_rate_limit_holds_across_workers(tmp_path):
         "--config", str(config), "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")
     )
     try:
-        answers = [await post_once(daemon.url, wattmon_form(mac(0), block(0, seq)))
-                   for seq in range(8)]
+        answers = [
+            await post_once(daemon.url, wattmon_form(mac(0), block(0, seq))) for seq in range(8)
+        ]
     finally:
         assert await daemon.stop() == 0
     assert [status for status, _ in answers] == [200, 200] + [429] * 6, answers

@@ -24,8 +24,12 @@ HEADER = b"Time,A\n"
 
 def record(device: str, i: int, *, key: bool = True, header: bytes = HEADER) -> Record:
     return Record(
-        "wattmon", device, T0 + i * 0.125, b"2026-11-21 08:00:00,%d\n" % i,
-        header=header, dedup_key=f"{i:032x}" if key else None,
+        "wattmon",
+        device,
+        T0 + i * 0.125,
+        b"2026-11-21 08:00:00,%d\n" % i,
+        header=header,
+        dedup_key=f"{i:032x}" if key else None,
     )
 
 
@@ -54,13 +58,18 @@ def test_log_frames_key_lines_and_files(tmp_path):
     sink._open_blocking()
     a, b = "001122334455", "00112233445a"
     batch = [
-        record(a, 0), record(b, 1), record(a, 2, key=False), record(a, 0), record(b, 3),
+        record(a, 0),
+        record(b, 1),
+        record(a, 2, key=False),
+        record(a, 0),
+        record(b, 3),
     ]
     assert sink._commit_blocking(batch) == [Outcome.STORED] * 3 + [Outcome.DUPLICATE] + [
         Outcome.STORED
     ]
     assert sink._commit_blocking([record(b, 1), record(a, 4)]) == [
-        Outcome.DUPLICATE, Outcome.STORED,
+        Outcome.DUPLICATE,
+        Outcome.STORED,
     ]
     _, frames = read_log(tmp_path)
     row = len(b"2026-11-21 08:00:00,0\n")
@@ -144,8 +153,12 @@ def test_planning_follows_the_rotation_policy(tmp_path, seed):
         planned = device.plan(rec, record_period)
         assert planned is not None
         target = next_file(
-            current, record_period=record_period, header=header, add_bytes=len(payload),
-            max_file_bytes=settings.max_file_bytes, ext="csv",
+            current,
+            record_period=record_period,
+            header=header,
+            add_bytes=len(payload),
+            max_file_bytes=settings.max_file_bytes,
+            ext="csv",
         )
         if target is not None:
             current = OpenFile(target, 0, header)
@@ -159,4 +172,3 @@ def test_planning_follows_the_rotation_policy(tmp_path, seed):
         current = OpenFile(current.name, current.size + len(data), new_header)
         assert device.current == current
     assert isinstance(current.name, FileName)
-

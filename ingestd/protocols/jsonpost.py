@@ -157,9 +157,7 @@ def _depth(value: Any) -> int:
     while level := [item for item in level if type(item) is list or type(item) is dict]:
         depth += 1
         level = [
-            child
-            for item in level
-            for child in (item.values() if type(item) is dict else item)
+            child for item in level for child in (item.values() if type(item) is dict else item)
         ]
     return depth
 

@@ -58,22 +58,29 @@ class Daemon:
                 self._ssl = server_context(config.server.tls_cert, config.server.tls_key)
             except (OSError, ssl.SSLError) as exc:
                 log.error(
-                    "startup_failed setting=server.tls_cert,server.tls_key cert=%s key=%s "
-                    "error=%s", ascii(config.server.tls_cert), ascii(config.server.tls_key),
+                    "startup_failed setting=server.tls_cert,server.tls_key cert=%s key=%s error=%s",
+                    ascii(config.server.tls_cert),
+                    ascii(config.server.tls_key),
                     describe_error(exc),
                 )
                 return 1
         try:
             await runner.setup()  # opens storage: replays the log after a crash
         except OSError as exc:
-            log.error("startup_failed setting=storage.data_dir data_dir=%s error=%s",
-                      ascii(str(config.data_dir)), describe_error(exc))
+            log.error(
+                "startup_failed setting=storage.data_dir data_dir=%s error=%s",
+                ascii(str(config.data_dir)),
+                describe_error(exc),
+            )
             return 1
         try:
             addresses = await self._start_sites(runner)
         except (OSError, WorkerError) as exc:
-            log.error("listen_failed address=%s setting=server.listen error=%s",
-                      config.server.listen, describe_error(exc))
+            log.error(
+                "listen_failed address=%s setting=server.listen error=%s",
+                config.server.listen,
+                describe_error(exc),
+            )
             if self._workers is not None:
                 await self._workers.stop(5)
                 self._workers.cleanup()
@@ -82,8 +89,10 @@ class Daemon:
         for address in addresses:
             log.info(
                 "listening address=%s tls=%s workers=%d data_dir=%s",
-                _address(address), "on" if self._ssl else "off",
-                self._workers.count if self._workers else 1, ascii(str(config.data_dir)),
+                _address(address),
+                "on" if self._ssl else "off",
+                self._workers.count if self._workers else 1,
+                ascii(str(config.data_dir)),
             )
         self._notifier.ready(self._status())
         self._spawn(self._report_status)
@@ -147,7 +156,9 @@ class Daemon:
                 try:
                     reload_certificate(self._ssl, new.server.tls_cert, new.server.tls_key)
                 except (OSError, ssl.SSLError) as exc:
-                    log.error("reload_refused error=%s: keeping the running config", ascii(str(exc)))
+                    log.error(
+                        "reload_refused error=%s: keeping the running config", ascii(str(exc))
+                    )
                     return
             changed, needs_restart = reload_config(self._app, new)
             await self._app[SINK].reopen()
@@ -155,7 +166,8 @@ class Daemon:
                 await self._workers.reload()
             log.info(
                 "reloaded changed=%s needs_restart=%s",
-                ",".join(changed) or "-", ",".join(needs_restart) or "-",
+                ",".join(changed) or "-",
+                ",".join(needs_restart) or "-",
             )
         finally:
             self._notifier.send("READY=1", f"STATUS={self._status()}")

@@ -144,7 +144,6 @@ class StorageServer:
             self._app[DEVICES].on_error(protocol, device, code, at)
 
 
-
 # -- the worker side -------------------------------------------------------------------
 
 
@@ -214,5 +213,3 @@ class RemoteStorage:
     async def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-

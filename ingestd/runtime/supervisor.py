@@ -75,10 +75,16 @@ class WorkerPool:
     async def _spawn(self, worker_id: int) -> None:
         self._ready[worker_id] = asyncio.Event()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ingestd.runtime.worker", *self._args,
-            "--worker-id", str(worker_id),
-            "--runtime-dir", str(self._runtime),
-            "--fds", ",".join(map(str, self._fds)),
+            sys.executable,
+            "-m",
+            "ingestd.runtime.worker",
+            *self._args,
+            "--worker-id",
+            str(worker_id),
+            "--runtime-dir",
+            str(self._runtime),
+            "--fds",
+            ",".join(map(str, self._fds)),
             pass_fds=self._fds,
         )
         self._procs[worker_id] = proc

@@ -73,7 +73,6 @@ def set_parent_death_signal() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-
 def make_worker_app(config: Config, storage: RemoteStorage, control: Path) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = LiveConfig(config)
@@ -269,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-dir", required=True)
     parser.add_argument("--fds", required=True, help="inherited listening sockets")
     args = parser.parse_args(argv)
+
     def load() -> Config:
         return with_overrides(load_config(args.config), listen=args.listen, data_dir=args.data_dir)
 

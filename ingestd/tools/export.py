@@ -115,10 +115,13 @@ async def export(options: ExportOptions, stop: asyncio.Event | None = None) -> E
         finally:
             await sink.close()
         log.info(
-            "export_done messages=%d stored=%d duplicates=%d quarantined=%d skipped=%d "
-            "last_seq=%d",
-            summary.messages, summary.stored, summary.duplicates, summary.quarantined,
-            summary.skipped, summary.last_seq,
+            "export_done messages=%d stored=%d duplicates=%d quarantined=%d skipped=%d last_seq=%d",
+            summary.messages,
+            summary.stored,
+            summary.duplicates,
+            summary.quarantined,
+            summary.skipped,
+            summary.last_seq,
         )
         return summary
     finally:
@@ -181,7 +184,9 @@ async def _copy(
                 summary.skipped += 1
                 log.warning(
                     "export_skipped seq=%d subject=%s error=%s",
-                    msg.metadata.sequence.stream, msg.subject, exc,
+                    msg.metadata.sequence.stream,
+                    msg.subject,
+                    exc,
                 )
         results = await sink.commit(records) if records else []
         for result in results:
@@ -215,16 +220,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", help="comma-separated NATS URLs (overrides the config)")
     parser.add_argument("--stream", help="stream name (overrides the config; default INGESTD)")
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--since", help="start at messages stored at or after this UTC time "
-                       "(2026-11-21 or 2026-11-21T08:00:00Z)")
+    start.add_argument(
+        "--since",
+        help="start at messages stored at or after this UTC time "
+        "(2026-11-21 or 2026-11-21T08:00:00Z)",
+    )
     start.add_argument("--from-seq", type=int, help="start at this stream sequence")
     parser.add_argument(
         "--durable",
         help="durable consumer name: remembers its place, so the next run goes on from there "
         "(--since/--from-seq apply only when it is created)",
     )
-    parser.add_argument("--follow", action="store_true",
-                        help="keep consuming new messages (until SIGTERM/SIGINT)")
+    parser.add_argument(
+        "--follow", action="store_true", help="keep consuming new messages (until SIGTERM/SIGINT)"
+    )
     parser.add_argument("--batch", type=int, default=512, help="messages per fetch and commit")
 
 

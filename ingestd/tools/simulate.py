@@ -111,49 +111,123 @@ def collector_url(text: str) -> URL:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `simulate` subcommand's options."""
     arg = parser.add_argument
-    arg("url", type=collector_url, metavar="URL",
+    arg(
+        "url",
+        type=collector_url,
+        metavar="URL",
         help="wattmon: the export URL (http://HOST:8080/wattmon; /wattmon if no path); "
-        "json: the base URL, each device posts to URL/mm-<n>")
+        "json: the base URL, each device posts to URL/mm-<n>",
+    )
     arg("--protocol", choices=PROTOCOLS, default="wattmon", help="device kind (wattmon)")
     arg("--devices", metavar="N", type=positive_int, default=10, help="fleet size (10)")
-    arg("--rate", metavar="R", type=positive_float, default=1.0,
-        help="posts per second per device, e.g. 0.1 (1)")
-    arg("--duration", metavar="D", type=parse_duration, default=30.0,
-        help="how long to send: 30s, 5m, 1h or seconds (30s)")
-    arg("--concurrency", metavar="N", type=positive_int, default=256,
-        help="requests in flight at most (256)")
-    arg("--timeout", metavar="SECS", type=positive_float, default=10.0,
-        help="seconds per request (10)")
-    arg("--backoff-base", metavar="SECS", type=positive_float, default=1.0,
-        help="first retry delay, doubled per failure, with jitter (1)")
-    arg("--backoff-cap", metavar="SECS", type=positive_float, default=60.0,
-        help="longest retry delay (60)")
-    arg("--rows", metavar="N", type=positive_int, default=10,
-        help="CSV rows per Wattmon block (10)")
-    arg("--seed", metavar="N", type=int, default=0,
-        help="MACs, stream names, data and faults derive from it (0)")
-    arg("--idempotency-key", action="store_true",
-        help="json: send an Idempotency-Key header, so resends are stored once")
+    arg(
+        "--rate",
+        metavar="R",
+        type=positive_float,
+        default=1.0,
+        help="posts per second per device, e.g. 0.1 (1)",
+    )
+    arg(
+        "--duration",
+        metavar="D",
+        type=parse_duration,
+        default=30.0,
+        help="how long to send: 30s, 5m, 1h or seconds (30s)",
+    )
+    arg(
+        "--concurrency",
+        metavar="N",
+        type=positive_int,
+        default=256,
+        help="requests in flight at most (256)",
+    )
+    arg(
+        "--timeout",
+        metavar="SECS",
+        type=positive_float,
+        default=10.0,
+        help="seconds per request (10)",
+    )
+    arg(
+        "--backoff-base",
+        metavar="SECS",
+        type=positive_float,
+        default=1.0,
+        help="first retry delay, doubled per failure, with jitter (1)",
+    )
+    arg(
+        "--backoff-cap",
+        metavar="SECS",
+        type=positive_float,
+        default=60.0,
+        help="longest retry delay (60)",
+    )
+    arg(
+        "--rows", metavar="N", type=positive_int, default=10, help="CSV rows per Wattmon block (10)"
+    )
+    arg(
+        "--seed",
+        metavar="N",
+        type=int,
+        default=0,
+        help="MACs, stream names, data and faults derive from it (0)",
+    )
+    arg(
+        "--idempotency-key",
+        action="store_true",
+        help="json: send an Idempotency-Key header, so resends are stored once",
+    )
     arg("--insecure", action="store_true", help="https: do not verify the certificate")
     fault = parser.add_argument_group("fault injection (probabilities, 0..1)").add_argument
-    fault("--corrupt-md5", type=probability, default=0.0, metavar="P",
-          help="wattmon: a post carries a wrong md5sum (answered 400; the resend is right)")
-    fault("--duplicate-resend", type=probability, default=0.0, metavar="P",
-          help="after a success, post the same block once more, as when the answer is lost "
-          "(json: stored twice unless --idempotency-key)")
-    fault("--slow-upload", type=probability, default=0.0, metavar="P",
-          help="send a post's body in chunks over 1-2 s")
-    fault("--malformed-csv", type=probability, default=0.0, metavar="P",
-          help="wattmon: a block has a row with an extra column (quarantined, answered OK)")
+    fault(
+        "--corrupt-md5",
+        type=probability,
+        default=0.0,
+        metavar="P",
+        help="wattmon: a post carries a wrong md5sum (answered 400; the resend is right)",
+    )
+    fault(
+        "--duplicate-resend",
+        type=probability,
+        default=0.0,
+        metavar="P",
+        help="after a success, post the same block once more, as when the answer is lost "
+        "(json: stored twice unless --idempotency-key)",
+    )
+    fault(
+        "--slow-upload",
+        type=probability,
+        default=0.0,
+        metavar="P",
+        help="send a post's body in chunks over 1-2 s",
+    )
+    fault(
+        "--malformed-csv",
+        type=probability,
+        default=0.0,
+        metavar="P",
+        help="wattmon: a block has a row with an extra column (quarantined, answered OK)",
+    )
     out = parser.add_argument_group("output").add_argument
     out("--json", action="store_true", help="print the summary as JSON")
-    out("--record", metavar="FILE",
-        help="write every block as a JSON line, with whether it was acknowledged")
+    out(
+        "--record",
+        metavar="FILE",
+        help="write every block as a JSON line, with whether it was acknowledged",
+    )
     out("--quiet", action="store_true", help="no progress on stderr")
-    out("--progress-every", metavar="SECS", type=positive_float, default=10.0,
-        help="progress line period when stderr is not a terminal (10)")
-    out("--fail-on-error", action="store_true",
-        help="exit 1 if a post failed (injected faults aside) or a block was left unacknowledged")
+    out(
+        "--progress-every",
+        metavar="SECS",
+        type=positive_float,
+        default=10.0,
+        help="progress line period when stderr is not a terminal (10)",
+    )
+    out(
+        "--fail-on-error",
+        action="store_true",
+        help="exit 1 if a post failed (injected faults aside) or a block was left unacknowledged",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,14 +267,26 @@ class Options:
         if args.protocol == "wattmon" and url.path in ("", "/"):
             url = url.with_path("/wattmon", keep_query=True)
         return cls(
-            url=url, protocol=args.protocol, devices=args.devices, rate=args.rate,
-            duration_secs=args.duration, concurrency=args.concurrency,
-            timeout_secs=args.timeout, backoff_base_secs=args.backoff_base,
-            backoff_cap_secs=args.backoff_cap, rows=args.rows, seed=args.seed,
-            idempotency_key=args.idempotency_key, corrupt_md5=args.corrupt_md5,
-            duplicate_resend=args.duplicate_resend, slow_upload=args.slow_upload,
-            malformed_csv=args.malformed_csv, record=args.record, progress=not args.quiet,
-            verify_tls=not args.insecure, progress_every_secs=args.progress_every,
+            url=url,
+            protocol=args.protocol,
+            devices=args.devices,
+            rate=args.rate,
+            duration_secs=args.duration,
+            concurrency=args.concurrency,
+            timeout_secs=args.timeout,
+            backoff_base_secs=args.backoff_base,
+            backoff_cap_secs=args.backoff_cap,
+            rows=args.rows,
+            seed=args.seed,
+            idempotency_key=args.idempotency_key,
+            corrupt_md5=args.corrupt_md5,
+            duplicate_resend=args.duplicate_resend,
+            slow_upload=args.slow_upload,
+            malformed_csv=args.malformed_csv,
+            record=args.record,
+            progress=not args.quiet,
+            verify_tls=not args.insecure,
+            progress_every_secs=args.progress_every,
         )
 
 
@@ -321,11 +407,20 @@ class Device:
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         wrong = hashlib.md5(data + b"~", usedforsecurity=False).hexdigest()
         record = {
-            "protocol": "wattmon", "device": self.name, "key": self.key, "seq": self.seq,
-            "md5": md5, "header": HEADER, "rows": rows, "malformed": malformed,
+            "protocol": "wattmon",
+            "device": self.name,
+            "key": self.key,
+            "seq": self.seq,
+            "md5": md5,
+            "header": HEADER,
+            "rows": rows,
+            "malformed": malformed,
         }
         return Block(
-            self.url, _form(self.key, md5, data), {"Content-Type": FORM}, record,
+            self.url,
+            _form(self.key, md5, data),
+            {"Content-Type": FORM},
+            record,
             corrupt_body=_form(self.key, wrong, data),
         )
 
@@ -353,8 +448,13 @@ class Device:
         if self.options.idempotency_key:
             headers["Idempotency-Key"] = doc_id
         record = {
-            "protocol": "json", "device": self.key, "stream": self.name,
-            "path": self.url.path, "seq": self.seq, "id": doc_id, "document": document,
+            "protocol": "json",
+            "device": self.key,
+            "stream": self.name,
+            "path": self.url.path,
+            "seq": self.seq,
+            "id": doc_id,
+            "document": document,
         }
         body = json.dumps(document, separators=(",", ":")).encode()
         return Block(self.url, body, headers, record)
@@ -571,7 +671,10 @@ class Simulation:
                 if result[0] is None:
                     stats.duplicates_acknowledged += 1
         self._record(
-            block, acknowledged=True, attempts=attempts, duplicate_resend=duplicate,
+            block,
+            acknowledged=True,
+            attempts=attempts,
+            duplicate_resend=duplicate,
             latency_ms=round(latency * 1000, 3),
         )
         return True

@@ -60,10 +60,21 @@ class Ingestd:
     @classmethod
     async def start(cls, data_dir: Path, config: Path) -> Ingestd:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ingestd", "serve", "--config", str(config),
-            "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=ENV, start_new_session=True,
+            sys.executable,
+            "-m",
+            "ingestd",
+            "serve",
+            "--config",
+            str(config),
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=ENV,
+            start_new_session=True,
         )
         return cls(proc)
 
@@ -216,7 +227,8 @@ class Cycles:
         exited = asyncio.create_task(daemon.proc.wait())
         try:
             await asyncio.wait(
-                [listening, tripped, exited], timeout=START_TIMEOUT,
+                [listening, tripped, exited],
+                timeout=START_TIMEOUT,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:

@@ -59,8 +59,11 @@ class DurableDisk:
         args = [str(self.live), str(self.live.with_name("grave")), str(self.mountpoint)]
         args += ["--mode", self.mode] + (["--torn"] if self.torn else [])
         self._proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(FS_SCRIPT), *args,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            str(FS_SCRIPT),
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
         )
         self.tripped = asyncio.Event()
         self._answers = asyncio.Queue()
@@ -123,8 +126,10 @@ class DurableDisk:
             return
         proc, self._proc = self._proc, None
         await asyncio.to_thread(
-            subprocess.run, ["fusermount3", "-u", "-z", str(self.mountpoint)],
-            check=False, capture_output=True,
+            subprocess.run,
+            ["fusermount3", "-u", "-z", str(self.mountpoint)],
+            check=False,
+            capture_output=True,
         )
         if proc.stdin is not None:
             proc.stdin.close()

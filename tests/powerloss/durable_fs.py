@@ -152,8 +152,16 @@ class DurableFS(mfusepy.Operations):  # type: ignore[misc]
         return {
             key: getattr(st, key)
             for key in (
-                "f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail",
-                "f_ffree", "f_files", "f_flag", "f_frsize", "f_namemax",
+                "f_bavail",
+                "f_bfree",
+                "f_blocks",
+                "f_bsize",
+                "f_favail",
+                "f_ffree",
+                "f_files",
+                "f_flag",
+                "f_frsize",
+                "f_namemax",
             )
         }
 

@@ -155,8 +155,7 @@ class DurableImage:
         """
         report = CutReport()
         seqs = sorted(
-            [u.seq for undos in self.undo.values() for u in undos]
-            + [op.seq for op in self.pending]
+            [u.seq for undos in self.undo.values() for u in undos] + [op.seq for op in self.pending]
         )
         keep = rng.randint(0, len(seqs)) if self.torn else 0
         cutoff = seqs[keep - 1] if keep else 0

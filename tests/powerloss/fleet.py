@@ -143,8 +143,7 @@ class Tally:
 
     def counts(self) -> str:
         return (
-            f"lost={len(self.lost)} duplicated={len(self.duplicated)} "
-            f"corrupt={len(self.corrupt)}"
+            f"lost={len(self.lost)} duplicated={len(self.duplicated)} corrupt={len(self.corrupt)}"
         )
 
 

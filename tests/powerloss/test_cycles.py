@@ -30,8 +30,13 @@ async def test_power_cuts_lose_and_duplicate_nothing_acknowledged(
 ) -> None:
     lines: list[str] = []
     cycles = Cycles(
-        tmp_path, mode=mode, torn=torn, seed=seed, workers=workers,
-        round_robin=True, log=lines.append,
+        tmp_path,
+        mode=mode,
+        torn=torn,
+        seed=seed,
+        workers=workers,
+        round_robin=True,
+        log=lines.append,
     )
     report = await cycles.run(len(CUT_KINDS))
     clean = report.tally.clean

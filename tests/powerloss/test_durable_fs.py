@@ -220,10 +220,13 @@ async def test_flock_is_exclusive_across_processes(start_disk) -> None:
     disk = await start_disk("strict")
     path = disk.mountpoint / "ingestd.lock"
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c",
+        sys.executable,
+        "-c",
         "import fcntl, sys; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
-        "print('held', flush=True); sys.stdin.read()", str(path),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        "print('held', flush=True); sys.stdin.read()",
+        str(path),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert holder.stdout is not None

@@ -63,8 +63,15 @@ def parse_key_lines(lines: bytes) -> tuple[bytes, list[float]]:
 
 class DedupWindow:
     __slots__ = (
-        "_adds", "_cold", "_cold_lines", "_filter", "_keys", "_mask", "_max_age",
-        "_max_blocks", "_times",
+        "_adds",
+        "_cold",
+        "_cold_lines",
+        "_filter",
+        "_keys",
+        "_mask",
+        "_max_age",
+        "_max_blocks",
+        "_times",
     )
 
     def __init__(self, max_blocks: int, max_age_secs: float) -> None:

@@ -80,7 +80,9 @@ def sweep(data_dir: Path, retention: Retention, now: float | None = None) -> Swe
     if report.compressed or report.deleted:
         log.info(
             "housekeeping compressed=%d deleted=%d bytes_deleted=%d",
-            report.compressed, report.deleted, report.bytes_deleted,
+            report.compressed,
+            report.deleted,
+            report.bytes_deleted,
         )
     return report
 

@@ -286,8 +286,11 @@ class FileSink:
         allowed, held = self._failure_log.allow("storage_failed")
         if allowed:
             log.error(
-                "storage_failed protocol=%s device=%s error=%s held_back=%d", ident[0], ident[1],
-                json.dumps(exc.strerror or str(exc)), held,
+                "storage_failed protocol=%s device=%s error=%s held_back=%d",
+                ident[0],
+                ident[1],
+                json.dumps(exc.strerror or str(exc)),
+                held,
             )
         if drop:
             self._drop(ident)
@@ -441,7 +444,8 @@ class FileSink:
             if size > end:
                 log.warning(
                     "torn_tail_cut file=%s bytes=%d: never acknowledged",
-                    json.dumps(str(path.relative_to(self.data_dir))), size - end,
+                    json.dumps(str(path.relative_to(self.data_dir))),
+                    size - end,
                 )
             if end == 0:
                 path.unlink(missing_ok=True)
@@ -513,7 +517,10 @@ class FileSink:
             return self._failed((block.protocol, block.device_id), exc, drop=False)
         log.warning(
             "quarantined protocol=%s device=%s md5=%s reason=%s",
-            block.protocol, block.device_id, block.dedup_key, json.dumps(block.reason),
+            block.protocol,
+            block.device_id,
+            block.dedup_key,
+            json.dumps(block.reason),
         )
         return Outcome.QUARANTINED
 

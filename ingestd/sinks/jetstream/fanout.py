@@ -44,7 +44,8 @@ class Fanout:
             results[i] = result
         # To the file: its own routes' records, and `both`'s that the stream has.
         to_file = [
-            i for i, route in enumerate(routes)
+            i
+            for i, route in enumerate(routes)
             if route == "file" or (route == "both" and not isinstance(results[i], IngestError))
         ]
         if not to_file:
@@ -53,11 +54,15 @@ class Fanout:
         # from the stream's copy in its received time: store that copy. One
         # without is new to the file whatever the stream says, as with
         # `sink = "file"`.
-        copies = await self._jetstream.stored_copies({
-            i: (items[i], seq) for n, i in enumerate(to_js)
-            if routes[i] == "both" and items[i].dedup_key is not None
-            and (seq := stored_at.get(n)) is not None
-        })
+        copies = await self._jetstream.stored_copies(
+            {
+                i: (items[i], seq)
+                for n, i in enumerate(to_js)
+                if routes[i] == "both"
+                and items[i].dedup_key is not None
+                and (seq := stored_at.get(n)) is not None
+            }
+        )
         file_results = await self._file.commit([copies.get(i, items[i]) for i in to_file])
         for i, result in zip(to_file, file_results, strict=True):
             # `both`: the file's outcome, now that JetStream has the record.

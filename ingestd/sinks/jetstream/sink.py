@@ -216,7 +216,9 @@ class JetStreamSink:
             )
             log.info(
                 "jetstream_stream_created stream=%s subjects=%s replicas=%d",
-                cfg.stream, subject, cfg.replicas,
+                cfg.stream,
+                subject,
+                cfg.replicas,
             )
             return
         current = info.config
@@ -238,11 +240,16 @@ class JetStreamSink:
             # Managed by someone else, or not allowed to: use it as it is.
             log.warning(
                 "jetstream_stream_not_updated stream=%s settings=%s error=%s",
-                cfg.stream, ",".join(sorted(changes)), json.dumps(str(exc.description)),
+                cfg.stream,
+                ",".join(sorted(changes)),
+                json.dumps(str(exc.description)),
             )
         else:
-            log.info("jetstream_stream_updated stream=%s settings=%s",
-                     cfg.stream, ",".join(sorted(changes)))
+            log.info(
+                "jetstream_stream_updated stream=%s settings=%s",
+                cfg.stream,
+                ",".join(sorted(changes)),
+            )
 
     async def _on_error(self, exc: Exception) -> None:
         # A failed (re)connect attempt calls this every reconnect_wait_secs.
@@ -333,8 +340,7 @@ class JetStreamSink:
             return {}
         indexes = list(wanted)
         fetches = [
-            asyncio.ensure_future(js.get_msg(self._config.stream, wanted[i][1]))
-            for i in indexes
+            asyncio.ensure_future(js.get_msg(self._config.stream, wanted[i][1])) for i in indexes
         ]
         done, late = await asyncio.wait(fetches, timeout=self._config.publish_timeout_secs)
         for fetch in late:
@@ -352,9 +358,11 @@ class JetStreamSink:
                 self._log_copy_unavailable(wanted[i][0], exc)
                 continue
             item = wanted[i][0]
-            if (
-                (copy.protocol, copy.device_id, copy.dedup_key, type(copy))
-                == (item.protocol, item.device_id, item.dedup_key, type(item))
+            if (copy.protocol, copy.device_id, copy.dedup_key, type(copy)) == (
+                item.protocol,
+                item.device_id,
+                item.dedup_key,
+                type(item),
             ):
                 copies[i] = copy
             else:
@@ -368,7 +376,9 @@ class JetStreamSink:
             log.warning(
                 "jetstream_copy_unavailable protocol=%s device=%s error=%s: the file keeps "
                 "the resend as received",
-                item.protocol, item.device_id, json.dumps(repr(exc)),
+                item.protocol,
+                item.device_id,
+                json.dumps(repr(exc)),
             )
 
     async def _publish(
@@ -389,13 +399,19 @@ class JetStreamSink:
         if wire_size(headers, body, cfg.stream) > limit:
             log.error(
                 "jetstream_too_large protocol=%s device=%s bytes=%d max_payload=%d",
-                item.protocol, item.device_id, len(body), limit,
+                item.protocol,
+                item.device_id,
+                len(body),
+                limit,
             )
             return BlockTooLarge("record larger than the JetStream server's max_payload"), None
         try:
             future = await js.publish_async(
-                subject, body, wait_stall=cfg.publish_timeout_secs,
-                stream=cfg.stream, headers=headers,
+                subject,
+                body,
+                wait_stall=cfg.publish_timeout_secs,
+                stream=cfg.stream,
+                headers=headers,
             )
         except (nats.errors.Error, OSError) as exc:
             return self._failed(exc), None
@@ -426,5 +442,3 @@ class JetStreamSink:
 def _server(nc: NATS | None) -> str:
     url = nc.connected_url if nc is not None else None
     return url.netloc if url is not None else "-"
-
-
