@@ -8,8 +8,9 @@
 Wattmon: urlencoded forms of 15 rows x 11 columns (about 1.9 KB) with a
 correct md5sum, spread over 1,000 MACs; every block is distinct, so none is
 answered as a resend (a set made with another --start shares the devices
-but no block: bench/run.py warms the server up with one). JSON: documents of about 700 bytes (an `interfaces`
-array of 4 objects) over 100 stream paths. Lines are `path<TAB>body`.
+but no block: bench/run.py warms the server up with one). JSON: documents of
+about 700 bytes (an `interfaces` array of 4 objects) over 100 stream paths.
+Lines are `path<TAB>body`.
 """
 
 from __future__ import annotations

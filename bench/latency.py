@@ -74,7 +74,8 @@ async def run(args: argparse.Namespace) -> None:
     achieved = len(latencies) / args.seconds
     print(
         f"target {args.rate:,.0f}/s, achieved {achieved:,.0f}/s, errors {errors}; latency "
-        f"p50 {percentile(latencies, 50) * 1000:.1f} ms, p90 {percentile(latencies, 90) * 1000:.1f} ms, "
+        f"p50 {percentile(latencies, 50) * 1000:.1f} ms, "
+        f"p90 {percentile(latencies, 90) * 1000:.1f} ms, "
         f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
     )
 

@@ -26,7 +26,7 @@ from common import form, now, percentile, rss_bytes, start_ingestd, stop_ingestd
 
 async def slow_device(port: int, seconds: float, opened: list[int]) -> None:
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
         return
     opened[0] += 1
@@ -56,14 +56,16 @@ async def honest(url: str, rate: float, seconds: float) -> list[float]:
     async def one(n: int) -> None:
         nonlocal failures
         started = now()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            # 100 honest devices, each posting its next block
-            async with s.post(
+        # 100 honest devices, each posting its next block
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+            s.post(
                 f"{url}/wattmon",
                 data=form(n % 100, n // 100 + 1),
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
-            ) as r:
-                ok = r.status == 200 and await r.text() == "OK"
+            ) as r,
+        ):
+            ok = r.status == 200 and await r.text() == "OK"
         if ok:
             latencies.append(now() - started)
         else:
@@ -79,7 +81,7 @@ async def honest(url: str, rate: float, seconds: float) -> list[float]:
 
 
 async def run(args: argparse.Namespace) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     root = Path(tempfile.mkdtemp(prefix="ingestd-slow-"))
     proc, port = start_ingestd(root / "data", "[server]\nbody_timeout_secs = 600\n")

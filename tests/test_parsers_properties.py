@@ -7,6 +7,7 @@ yields a result or one of our typed errors, never anything else.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -350,10 +351,8 @@ def test_parse_form_fuzz(body: bytes, content_type: str, wanted: frozenset[str])
 )
 @example(content_type='multipart/form-data; boundary="\udcff"', body=b"x")
 def test_parse_form_fuzz_raw_header_bytes(content_type: str, body: bytes) -> None:
-    try:
+    with contextlib.suppress(BadForm, UnsupportedMediaType):
         parse_form(body, content_type, frozenset({"data"}))
-    except (BadForm, UnsupportedMediaType):
-        pass
 
 
 @PARSERS

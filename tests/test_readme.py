@@ -16,8 +16,7 @@ def test_readme_config_reference_is_the_example_config():
 
 
 def test_readme_config_reference_validates():
-    from ingestd.config import _build, validate
-    from ingestd.config import Config
+    from ingestd.config import Config, _build, validate
 
     validate(_build(Config, tomllib.loads((ROOT / "systemd" / "ingestd.toml").read_text()), ""))
 

@@ -20,8 +20,8 @@ from conftest import FORM, make_config, wattmon_form
 from daemon import DaemonProcess, write_config
 from multidict import CIMultiDict
 
-from ingestd.ingest.access import RateLimiter
 from ingestd.config import Config, JsonConfig, load_config, validate
+from ingestd.ingest.access import RateLimiter
 
 TOKEN = "tok-9f8e7d6c5b4a"
 MAC = "00:1A:2b:3c:4D:5e"

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import asyncio
 import hashlib
+import os
 import threading
 import urllib.parse
 import urllib.request
@@ -200,7 +199,8 @@ def test_status_page(daemon: DaemonProcess, browser: webdriver.Chrome, tmp_path:
         def records() -> int:
             return int(
                 browser.execute_script(
-                    "return document.querySelector('#rows tr td.n').textContent.replace(/\\D/g, '');"
+                    "return document.querySelector('#rows tr td.n')"
+                    ".textContent.replace(/\\D/g, '');"
                 )
             )
 

@@ -85,7 +85,7 @@ def stored_sequence(data_dir: Path) -> list[int]:
         lines = text.splitlines()
         assert lines[0] == "Time,Seq,Pad"
         for line in lines[1:]:
-            ts, seq, pad = line.split(",")
+            _, seq, pad = line.split(",")
             assert pad == "x" * 40
             seqs.append(int(seq))
     return seqs

@@ -32,9 +32,11 @@ def mac(device: int) -> str:
 
 async def post_once(url: str, body: str) -> tuple[int, str]:
     """A device on a cellular link: a new connection for every post."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-        async with s.post(f"{url}/wattmon", data=body, headers=FORM) as resp:
-            return resp.status, await resp.text()
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+        s.post(f"{url}/wattmon", data=body, headers=FORM) as resp,
+    ):
+        return resp.status, await resp.text()
 
 
 def stored_rows(data_dir: Path, device: int) -> list[str]:
@@ -113,9 +115,11 @@ async def test_metrics_and_device_counts_cover_every_worker(tmp_path):
     try:
         for n in range(12):
             assert await post_once(daemon.url, wattmon_form(mac(n), block(n, 0))) == (200, "OK")
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{daemon.url}/metrics") as resp:
-                text = await resp.text()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{daemon.url}/metrics") as resp,
+        ):
+            text = await resp.text()
     finally:
         assert await daemon.stop() == 0
     # The main process stores for all workers, so its counters see everything.

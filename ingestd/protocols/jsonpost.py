@@ -101,12 +101,11 @@ def parse(
     # it also starts and ends with JSON whitespace only: the bytes' strip()
     # takes off what the text's would.
     document = body.replace(b"\r", b" ").replace(b"\n", b" ").strip()
-    head = '{"received_at":"%s","remote":%s,"path":%s,"body":' % (
-        rfc3339(received_at),
-        # json.dumps(text) without its Python layers
-        encode_basestring_ascii(remote) if type(remote) is str else json.dumps(remote),
-        encode_basestring_ascii(path) if type(path) is str else json.dumps(path),
-    )
+    # json.dumps(text) without its Python layers
+    remote_json = encode_basestring_ascii(remote) if type(remote) is str else json.dumps(remote)
+    path_json = encode_basestring_ascii(path) if type(path) is str else json.dumps(path)
+    at = rfc3339(received_at)
+    head = f'{{"received_at":"{at}","remote":{remote_json},"path":{path_json},"body":'
     line = b"".join((head.encode(), document, b"}\n"))
     dedup_key = None
     if idempotency_key:

@@ -25,7 +25,7 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def drain(runner: web.AppRunner, app: web.Application, timeout: float) -> None:
+async def drain(runner: web.AppRunner, app: web.Application, timeout_secs: float) -> None:
     """Stop accepting, then let requests in flight finish, bodies included.
 
     aiohttp's own cleanup stops reading from open connections at once, so a
@@ -42,7 +42,7 @@ async def drain(runner: web.AppRunner, app: web.Application, timeout: float) -> 
     if in_flight.count:
         log.info("draining requests=%d", in_flight.count)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout_secs):
                 await in_flight.wait_idle()
         except TimeoutError:
             log.warning("drain_timeout requests=%d: cancelling them", in_flight.count)

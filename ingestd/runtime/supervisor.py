@@ -136,7 +136,7 @@ class WorkerPool:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signum)
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout_secs: float) -> None:
         """SIGTERM every worker, let them drain, then stop taking batches."""
         self._stopping = True
         self.signal(signal.SIGTERM)
@@ -144,7 +144,7 @@ class WorkerPool:
             sock.close()  # ours only: the workers keep their copies until done
         waits = [proc.wait() for proc in self._procs.values()]
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout_secs):
                 await asyncio.gather(*waits)
         except TimeoutError:
             log.error("workers_did_not_stop: killing them")

@@ -28,9 +28,9 @@ from typing import BinaryIO
 
 from ingestd.config import StorageConfig
 from ingestd.errors import IngestError, StorageFailed
-from ingestd.runtime.logs import Throttle
 from ingestd.protocols.jsonpost import rfc3339
 from ingestd.records import Outcome, Quarantined, Record
+from ingestd.runtime.logs import Throttle
 from ingestd.sinks.file.device import (
     FILE_MODE,
     KEYS_NAME,
