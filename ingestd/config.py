@@ -522,7 +522,7 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
 
 
 def _convert(hint: Any, value: Any, name: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{name}.")
     origin = typing.get_origin(hint)
     if origin is Literal:

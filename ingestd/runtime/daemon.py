@@ -8,7 +8,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 
 from aiohttp import web
 
@@ -138,8 +138,8 @@ class Daemon:
         log.info("stopping signal=%s", signal.Signals(signum).name)
         self._stop.set()
 
-    def _spawn(self, job: Callable[[], object]) -> None:
-        task = asyncio.ensure_future(job())  # type: ignore[arg-type]
+    def _spawn(self, job: Callable[[], Coroutine[object, object, None]]) -> None:
+        task = asyncio.ensure_future(job())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -548,9 +548,8 @@ class Simulation:
             Device(options, i, number, wall)
             for i, number in enumerate(device_numbers(options.seed, options.devices))
         ]
-        connector = aiohttp.TCPConnector(
-            limit=options.concurrency, ssl=None if options.verify_tls else False
-        )
+        # ssl=True is aiohttp's default: verify the server's certificate.
+        connector = aiohttp.TCPConnector(limit=options.concurrency, ssl=options.verify_tls)
         timeout = aiohttp.ClientTimeout(total=options.timeout_secs)
         progress = asyncio.create_task(self._progress(started), name="simulate-progress")
         try:

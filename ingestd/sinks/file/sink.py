@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar, TypeVarTuple
 
 from ingestd.config import StorageConfig
 from ingestd.errors import IngestError, StorageFailed
@@ -46,6 +46,9 @@ from ingestd.sinks.file.rotation import parse_file_name, period_of
 from ingestd.sinks.file.wal import WriteAheadLog, read_log
 
 log = logging.getLogger("ingestd.storage")
+
+T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 EXTENSIONS = {"wattmon": "csv", "json": "jsonl"}
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
@@ -157,7 +160,7 @@ class FileSink:
         for ident in list(self._devices):
             self._drop(ident)
 
-    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, fn: Callable[[*Args], T], *args: *Args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def probe(self) -> None:
