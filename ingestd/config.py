@@ -302,7 +302,7 @@ def validate(config: Config) -> Config:
     if config.status.last_seen_metric_devices < 0:
         raise ConfigError("status.last_seen_metric_devices: must be 0 (off) or more")
     if config.server.workers < 0:
-        raise ConfigError("server.workers: must be 0 (one per core) or more")
+        raise ConfigError("server.workers: must be 0 (chosen by core count) or more")
     for section_name in ("wattmon", "json"):
         section = getattr(config, section_name)
         _networks(f"{section_name}.allowed_networks", section.allowed_networks)

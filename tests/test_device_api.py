@@ -455,3 +455,21 @@ async def test_quarantine_list_and_replay(client, tmp_path, capsys):
             cli_main, ["quarantine", "replay", MAC, "../x", "--data-dir", str(data_dir)]
         )
     ) == 1
+
+
+async def test_a_devices_recent_refusals_are_listed_newest_first(client, clock):
+    data = "Time,Value\n2026-11-21 08:00:00,1\n"
+    assert (await client.post("/wattmon", data=wattmon_form(MAC, data), headers=FORM)).status == 200
+    codes = []
+    for i in range(12):
+        clock.now += 1
+        resp = await client.post("/wattmon", data=wattmon_form(MAC, data, md5="0" * 32), headers=FORM)
+        assert resp.status == 400
+        codes.append(i)
+    resp = await client.get(f"/api/devices/{MAC}")
+    doc = await resp.json()
+    errors = doc["recent_errors"]
+    assert len(errors) == 10  # the last ten
+    assert [e["at"] for e in errors] == sorted((e["at"] for e in errors), reverse=True)
+    assert {e["code"] for e in errors} == {"bad_md5"}
+    assert doc["last_error"] == "bad_md5" and doc["last_error_at"] == errors[0]["at"]

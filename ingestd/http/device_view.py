@@ -220,6 +220,10 @@ async def device_api(request: web.Request) -> web.Response:
     silent_after = request.app[CONFIG].current.status.silent_after_secs
     doc = fleet.device_json((protocol, device_id), stats, now, silent_after, request.app.get(SINK))
     doc.update(described)
+    doc["recent_errors"] = [
+        {"at": fleet.timestamp(at), "code": code}
+        for at, code in reversed(stats.recent_errors or ())
+    ]
     return web.json_response(doc, headers={hdrs.CACHE_CONTROL: "no-store"})
 
 

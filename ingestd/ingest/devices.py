@@ -26,6 +26,7 @@ from ingestd.sinks.file.device import FIRST_SEEN_NAME, read_first_seen
 from ingestd.sinks.file.rotation import FileName, parse_file_name
 
 HOURS = 24  # hourly buckets of rows kept per device
+RECENT_ERRORS = 10  # refused requests remembered per device, for its page
 WINDOW_SECS = 60  # rows per minute: the last 60 one-second buckets, fleet-wide
 _MAX_COUNT = 0xFFFFFFFF  # array('I') holds 32 bits
 
@@ -45,12 +46,19 @@ class DeviceStats:
         "first_seen",
         "hour",
         "hourly",
-        "last_error",
-        "last_error_at",
         "last_seen",
         "quarantined",
+        "recent_errors",
         "rows",
     )
+
+    @property
+    def last_error(self) -> str | None:
+        return self.recent_errors[-1][1] if self.recent_errors else None
+
+    @property
+    def last_error_at(self) -> float | None:
+        return self.recent_errors[-1][0] if self.recent_errors else None
 
     def __init__(self, now: float) -> None:
         self.first_seen = now
@@ -62,8 +70,11 @@ class DeviceStats:
         self.bytes = 0
         self.duplicates = 0
         self.quarantined = 0
-        self.last_error: str | None = None  # an error code, never client text
-        self.last_error_at: float | None = None
+        # (time, error code) of the last refused requests, newest last;
+        # codes only, never client text. None until the first refusal, so
+        # a fleet that is never refused pays nothing for it (a list: a
+        # deque's first block alone is ~600 bytes).
+        self.recent_errors: list[tuple[float, str]] | None = None
         # The newest known data file, relative to the data dir (scan, or the
         # writer's while the device was open).
         self.current_file: str | None = None
@@ -163,8 +174,11 @@ class DeviceRegistry:
     def on_error(self, protocol: str, device_id: str, code: str, now: float) -> None:
         stats = self._stats(protocol, device_id, now)
         stats.last_seen = max(stats.last_seen, now)
-        stats.last_error = code
-        stats.last_error_at = now
+        if stats.recent_errors is None:
+            stats.recent_errors = []
+        elif len(stats.recent_errors) >= RECENT_ERRORS:
+            del stats.recent_errors[0]
+        stats.recent_errors.append((now, code))
 
     def _count_recent(self, ts: float, rows: int) -> None:
         second = int(ts)

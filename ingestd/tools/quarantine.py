@@ -2,7 +2,7 @@
 
 The file sink keeps a block that passed MD5 but is not valid CSV verbatim
 as `quarantine/wattmon/<mac>/<md5>.csv`, with `<md5>.json` saying why
-(README, "Replaying a quarantined block"). Listing reads those files
+(docs/operations.md, "Replaying a quarantined block"). Listing reads those files
 (blocking: run it in a thread). `replay` posts a block as its device would;
 once the collector answers `OK`, the block is renamed `<md5>.csv.replayed`,
 so it is no longer listed or counted.
