@@ -463,7 +463,9 @@ async def test_a_devices_recent_refusals_are_listed_newest_first(client, clock):
     codes = []
     for i in range(12):
         clock.now += 1
-        resp = await client.post("/wattmon", data=wattmon_form(MAC, data, md5="0" * 32), headers=FORM)
+        resp = await client.post(
+            "/wattmon", data=wattmon_form(MAC, data, md5="0" * 32), headers=FORM
+        )
         assert resp.status == 400
         codes.append(i)
     resp = await client.get(f"/api/devices/{MAC}")
