@@ -297,9 +297,7 @@ async def data_api(request: web.Request) -> web.StreamResponse:
         }
     )
     if "download" in query:
-        response.headers[hdrs.CONTENT_DISPOSITION] = (
-            f'attachment; filename="{device_id}.{fmt}"'
-        )
+        response.headers[hdrs.CONTENT_DISPOSITION] = f'attachment; filename="{device_id}.{fmt}"'
     response.enable_chunked_encoding()  # a cut transfer shows as cut
     await response.prepare(request)
     async for chunk in off_loop(chunks):
@@ -384,9 +382,11 @@ async def file_download(request: web.Request) -> web.StreamResponse:
     if stored is None:
         raise UnknownDeviceError("no such file")
     path = reader.device_folder(data_dir, protocol, device_id) / stored.name
-    content_type = "application/gzip" if stored.compressed else CONTENT_TYPES[
-        "csv" if protocol == "wattmon" else "ndjson"
-    ]
+    content_type = (
+        "application/gzip"
+        if stored.compressed
+        else CONTENT_TYPES["csv" if protocol == "wattmon" else "ndjson"]
+    )
     return web.FileResponse(
         path,
         headers={

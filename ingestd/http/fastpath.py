@@ -111,8 +111,9 @@ class FastServer:
     # Slow clients: one timer for every connection, not one per request.
     def _schedule_sweep(self) -> None:
         server = self.live.current.server
-        interval = max(0.05, min(SWEEP_SECS, server.keepalive_timeout_secs / 4,
-                                 server.body_timeout_secs / 4))
+        interval = max(
+            0.05, min(SWEEP_SECS, server.keepalive_timeout_secs / 4, server.body_timeout_secs / 4)
+        )
         self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
 
     def _sweep(self) -> None:
@@ -233,8 +234,11 @@ class FastConnection(asyncio.Protocol):
             if head is None:
                 end = data.find(HEAD_END, pos)
                 if end < 0 or end - pos > server.max_header_bytes:
-                    if (end >= 0 or size - pos > server.max_header_bytes
-                            or not could_be_fast_head(data, pos)):
+                    if (
+                        end >= 0
+                        or size - pos > server.max_header_bytes
+                        or not could_be_fast_head(data, pos)
+                    ):
                         # aiohttp knows the limits' answers, and answers bytes
                         # that are no such head at once, where waiting for a
                         # blank line could take until the keep-alive timeout.
@@ -314,9 +318,15 @@ class FastConnection(asyncio.Protocol):
         fields = head.fields
         try:
             stored = self.server.ingest.handle(
-                protocol, head.path, self.peer, head.forwarded_for or None, head.query_string,
-                fields.get("authorization"), fields.get("content-type", ""),
-                fields.get("idempotency-key"), body,
+                protocol,
+                head.path,
+                self.peer,
+                head.forwarded_for or None,
+                head.query_string,
+                fields.get("authorization"),
+                fields.get("content-type", ""),
+                fields.get("idempotency-key"),
+                body,
             )
         except IngestError as exc:
             self._refuse(exc, head, protocol)
@@ -421,8 +431,13 @@ class IngestRequestHandler(web.RequestHandler):
             allowed, held_back = self.throttle.allow("bad_request")
             if allowed:
                 # aiohttp's message quotes the request: escaped, cut short.
-                log.info("rejected status=%d code=bad_request remote=%s held_back=%d error=%s",
-                         status, remote, held_back, ascii((message or str(exc))[:200]))
+                log.info(
+                    "rejected status=%d code=bad_request remote=%s held_back=%d error=%s",
+                    status,
+                    remote,
+                    held_back,
+                    ascii((message or str(exc))[:200]),
+                )
             text = MALFORMED_HTTP if status == 400 else HTTPStatus(status).phrase.lower()
         response = error_response(status, text)
         response.force_close()

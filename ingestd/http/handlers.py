@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ingestd.config import RESERVED_PATHS, Config, is_reserved
@@ -98,8 +99,14 @@ async def dispatch(request: web.Request) -> web.Response:
     body = await read_body(request, request.app[CONFIG].current)
     now = service.clock()
     parse = functools.partial(
-        service.parse, protocol, body, headers.get(hdrs.CONTENT_TYPE, ""), path, remote,
-        headers.get("Idempotency-Key"), now,
+        service.parse,
+        protocol,
+        body,
+        headers.get(hdrs.CONTENT_TYPE, ""),
+        path,
+        remote,
+        headers.get("Idempotency-Key"),
+        now,
     )
     stored = service.submit(protocol, await off_loop_if_large(len(body), parse), path, now)
     request[OUTCOME_OF] = "empty" if stored is None else (await stored).value
@@ -206,7 +213,7 @@ def _worker_client(request: web.Request) -> web.Request:
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every refusal is `ERROR: ...` text, so a Wattmon device resends.
 
     Also counts each device request by protocol and outcome for /metrics,
@@ -221,7 +228,7 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
         in_flight.leave(request.protocol)
 
 
-async def _answer(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
         outcome = request.get(OUTCOME_OF)

@@ -34,8 +34,17 @@ _HAND_OVER = frozenset(
 # Fields aiohttp refuses to see twice (its SINGLETON_HEADERS): a repeat is
 # handed over, so aiohttp gives its own 400.
 _SINGLE = frozenset(
-    {"content-length", "content-type", "host", "user-agent", "etag", "max-forwards",
-     "server", "content-range", "content-location"}
+    {
+        "content-length",
+        "content-type",
+        "host",
+        "user-agent",
+        "etag",
+        "max-forwards",
+        "server",
+        "content-range",
+        "content-location",
+    }
 )
 _MAX_LENGTH_DIGITS = 12
 # Devices send a handful of fields; more, and aiohttp's limits decide.

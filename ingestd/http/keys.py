@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 CONFIG = web.AppKey("config", LiveConfig)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
-CLOCK = web.AppKey("clock", Callable[[], float])
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 PIPELINE = web.AppKey("pipeline", Pipeline)
 # The steps of a device post (set with the pipeline, which it feeds).
 INGEST = web.AppKey("ingest", IngestService)
@@ -37,7 +37,7 @@ METRICS = web.AppKey("metrics", Metrics)
 # device: the registry here; in a worker process, forwarded to the main one.
 # Refusals are logged at most 10 a second per error code.
 LOG_THROTTLE = web.AppKey("log_throttle", Throttle)
-REPORT_ERROR = web.AppKey("report_error", Callable[[str, str, str, float], None])
+REPORT_ERROR: web.AppKey[Callable[[str, str, str, float], None]] = web.AppKey("report_error")
 
 # Set by the handlers, read by the middleware that counts requests.
 PROTOCOL_OF = web.RequestKey("protocol", str)

@@ -87,15 +87,11 @@ def _objects(protocol: str, items: Iterable[StoredRecord]) -> Iterator[bytes]:
         yield encode(dict(zip(names, row, strict=False))).encode()
 
 
-def as_ndjson(
-    protocol: str, items: Iterable[StoredRecord], limit: int | None = None
-) -> Chunks:
+def as_ndjson(protocol: str, items: Iterable[StoredRecord], limit: int | None = None) -> Chunks:
     return _chunked(obj + b"\n" for obj in _objects(protocol, _limited(items, limit)))
 
 
-def as_json(
-    protocol: str, items: Iterable[StoredRecord], limit: int | None = None
-) -> Chunks:
+def as_json(protocol: str, items: Iterable[StoredRecord], limit: int | None = None) -> Chunks:
     def parts() -> Iterator[bytes]:
         yield b"["
         for i, obj in enumerate(_objects(protocol, _limited(items, limit))):

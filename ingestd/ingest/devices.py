@@ -335,4 +335,3 @@ def _quarantine_counts(parent: str, stop: threading.Event | None) -> dict[str, i
         if count:
             counts[device_id] = count
     return counts
-

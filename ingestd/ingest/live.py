@@ -31,7 +31,10 @@ class LiveConfig:
         macs = config.wattmon.allowed_macs
         self.allowed_macs = frozenset(wattmon.normalise_mac(m.encode()) for m in macs) or None
         self.allowed_streams = frozenset(config.json.allowed_streams) or None
-        for protocol, section in ((wattmon.PROTOCOL, config.wattmon), (jsonpost.PROTOCOL, config.json)):
+        for protocol, section in (
+            (wattmon.PROTOCOL, config.wattmon),
+            (jsonpost.PROTOCOL, config.json),
+        ):
             self.limiters[protocol].configure(section.rate_limit_per_min, section.rate_limit_burst)
 
 

@@ -32,20 +32,28 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests: RequestTally = Counter()
         self.batch_size = Histogram(
-            "ingestd_batch_records", "Records per group commit",
-            buckets=_BATCH_BUCKETS, registry=self.registry,
+            "ingestd_batch_records",
+            "Records per group commit",
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.batch_seconds = Histogram(
-            "ingestd_batch_seconds", "Time to store one batch (log sync and file writes)",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "ingestd_batch_seconds",
+            "Time to store one batch (log sync and file writes)",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.sync_seconds = Histogram(
-            "ingestd_log_sync_seconds", "Time of the write-ahead log's fdatasync per batch",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "ingestd_log_sync_seconds",
+            "Time of the write-ahead log's fdatasync per batch",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.write_seconds = Histogram(
-            "ingestd_file_write_seconds", "Time to append a batch to the device files",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "ingestd_file_write_seconds",
+            "Time to append a batch to the device files",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
 
     def observe_batch(self, size: int, seconds: float) -> None:
@@ -105,20 +113,36 @@ class _StateCollector(Collector):
             ("ingestd_bytes_stored", "Payload bytes stored", stats.bytes_stored),
             ("ingestd_duplicates_suppressed", "Resends answered OK, not stored", stats.duplicates),
             ("ingestd_quarantined_blocks", "Bad blocks kept in quarantine", stats.quarantined),
-            ("ingestd_storage_errors", "Records refused because storage failed", stats.storage_errors),
+            (
+                "ingestd_storage_errors",
+                "Records refused because storage failed",
+                stats.storage_errors,
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-        yield GaugeMetricFamily("ingestd_queue_depth", "Records waiting for the writer",
-                                value=self._pipeline.depth)
-        yield GaugeMetricFamily("ingestd_devices_seen", "Devices and streams heard from since start",
-                                value=len(self._devices))
-        yield GaugeMetricFamily("ingestd_open_file_handles", "Devices with open file handles",
-                                value=self._open_handles())
-        yield GaugeMetricFamily("ingestd_storage_ok", "1 while storage accepts writes",
-                                value=1 if stats.storage_ok else 0)
-        yield CounterMetricFamily("ingestd_log_lines_dropped",
-                                  "Log lines dropped because stderr could not keep up",
-                                  value=DroppingQueueHandler.dropped)
+        yield GaugeMetricFamily(
+            "ingestd_queue_depth", "Records waiting for the writer", value=self._pipeline.depth
+        )
+        yield GaugeMetricFamily(
+            "ingestd_devices_seen",
+            "Devices and streams heard from since start",
+            value=len(self._devices),
+        )
+        yield GaugeMetricFamily(
+            "ingestd_open_file_handles",
+            "Devices with open file handles",
+            value=self._open_handles(),
+        )
+        yield GaugeMetricFamily(
+            "ingestd_storage_ok",
+            "1 while storage accepts writes",
+            value=1 if stats.storage_ok else 0,
+        )
+        yield CounterMetricFamily(
+            "ingestd_log_lines_dropped",
+            "Log lines dropped because stderr could not keep up",
+            value=DroppingQueueHandler.dropped,
+        )
 
 
 class _FleetCollector(Collector):
@@ -145,8 +169,11 @@ class _FleetCollector(Collector):
                 silent[protocol] += 1
         for name, doc, counts in (
             ("ingestd_devices_known", "Devices and streams known (heard from, or on disk)", known),
-            ("ingestd_devices_silent",
-             "Known devices with no data for [status] silent_after_secs", silent),
+            (
+                "ingestd_devices_silent",
+                "Known devices with no data for [status] silent_after_secs",
+                silent,
+            ),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["protocol"])
             for protocol in PROTOCOL_DIRS:
@@ -174,11 +201,20 @@ class _JetStreamCollector(Collector):
         self._sink = sink
 
     def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("ingestd_jetstream_up", "1 while JetStream takes records",
-                                value=1 if self._sink.healthy else 0)
-        yield GaugeMetricFamily("ingestd_jetstream_connected", "1 while connected to NATS",
-                                value=1 if self._sink.connected else 0)
+        yield GaugeMetricFamily(
+            "ingestd_jetstream_up",
+            "1 while JetStream takes records",
+            value=1 if self._sink.healthy else 0,
+        )
+        yield GaugeMetricFamily(
+            "ingestd_jetstream_connected",
+            "1 while connected to NATS",
+            value=1 if self._sink.connected else 0,
+        )
         stats = self._sink.stats
         for name in ("published", "duplicates", "failures", "disconnects"):
-            yield CounterMetricFamily(f"ingestd_jetstream_{name}",
-                                      f"JetStream {name} since start", value=getattr(stats, name))
+            yield CounterMetricFamily(
+                f"ingestd_jetstream_{name}",
+                f"JetStream {name} since start",
+                value=getattr(stats, name),
+            )

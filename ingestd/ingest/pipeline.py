@@ -57,8 +57,8 @@ class Pipeline:
         self._commit = commit
         self._probe = probe
         self._prober: asyncio.Task[None] | None = None
-        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Outcome]] | None] = (
-            asyncio.Queue(max_records)
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Outcome]] | None] = asyncio.Queue(
+            max_records
         )
         self._enqueue_timeout = enqueue_timeout_secs
         self._batch_max = batch_max_records

@@ -44,7 +44,13 @@ class IngestService:
     """
 
     __slots__ = (
-        "_limits", "_live", "_pipeline", "_report_error", "_requests", "_throttle", "clock"
+        "_limits",
+        "_live",
+        "_pipeline",
+        "_report_error",
+        "_requests",
+        "_throttle",
+        "clock",
     )
 
     def __init__(
@@ -213,7 +219,12 @@ class IngestService:
         if allowed:
             log.info(
                 "rejected status=%d code=%s device=%s path=%s remote=%s held_back=%d",
-                exc.status, exc.code, exc.device or "-", _safe(path), _safe(peer), held_back,
+                exc.status,
+                exc.code,
+                exc.device or "-",
+                _safe(path),
+                _safe(peer),
+                held_back,
             )
         if protocol is not None:
             self.count(protocol, exc.code)
