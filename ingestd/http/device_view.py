@@ -40,6 +40,7 @@ from ingestd.http.keys import CLOCK, CONFIG, DEVICES, METRICS, SINK
 from ingestd.http.record_formats import CONTENT_TYPES, FORMATS, as_csv, as_json, as_ndjson, cells
 from ingestd.ingest.devices import DeviceStats
 from ingestd.protocols import wattmon
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.sinks.file import reader
 from ingestd.sinks.file.reader import StoredFile, UnknownDevice
 from ingestd.tools import quarantine
@@ -90,7 +91,7 @@ def setup(app: web.Application) -> None:
 
 def candidates(raw: str, protocol: str | None) -> list[tuple[str, str]]:
     """(protocol, id) pairs `raw` may name, Wattmon first."""
-    if protocol is not None and protocol not in fleet.PROTOCOLS:
+    if protocol is not None and protocol not in PROTOCOLS:
         raise fleet.BadQuery("protocol: expected wattmon or json")
     found = []
     if protocol in (None, "wattmon"):

@@ -45,11 +45,11 @@ from ingestd.http.keys import CLOCK, CONFIG, DEVICES, SINK
 from ingestd.ingest.access import RoutePolicy, client_address, networks
 from ingestd.ingest.devices import DeviceRegistry, DeviceStats, scan_data_dir
 from ingestd.protocols.jsonpost import rfc3339
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.sinks.file.sink import FileSink
 
 log = logging.getLogger("ingestd.fleet")
 
-PROTOCOLS = ("wattmon", "json")
 DEFAULT_SILENT_AFTER_SECS = 15 * 60.0
 MERGE_CHUNK = 5000  # scan results merged per turn of the event loop
 RENDER_CHUNK = 1000  # devices per call of the JSON encoder

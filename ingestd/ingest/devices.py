@@ -21,6 +21,7 @@ from itertools import repeat
 from pathlib import Path
 
 from ingestd.errors import IngestError
+from ingestd.protocols.registry import PROTOCOLS, WATTMON
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.sinks.file.device import FIRST_SEEN_NAME, read_first_seen
 from ingestd.sinks.file.rotation import FileName, parse_file_name
@@ -29,12 +30,6 @@ HOURS = 24  # hourly buckets of rows kept per device
 RECENT_ERRORS = 10  # refused requests remembered per device, for its page
 WINDOW_SECS = 60  # rows per minute: the last 60 one-second buckets, fleet-wide
 _MAX_COUNT = 0xFFFFFFFF  # array('I') holds 32 bits
-
-PROTOCOL_DIRS = {"wattmon": "csv", "json": "jsonl"}
-ID_PATTERNS = {
-    "wattmon": re.compile(r"[0-9a-f]{12}"),
-    "json": re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}"),
-}
 
 
 class DeviceStats:
@@ -234,8 +229,8 @@ def scan_data_dir(data_dir: Path, stop: threading.Event | None = None) -> list[S
     found: list[ScannedDevice] = []
     quarantine = os.path.join(data_dir, "quarantine", "wattmon")
     quarantined = _quarantine_counts(quarantine, stop)
-    for protocol, ext in PROTOCOL_DIRS.items():
-        pattern = ID_PATTERNS[protocol]
+    for protocol, form in PROTOCOLS.items():
+        pattern, ext = form.device_id, form.ext
         seen: set[str] = set()
         for device_id, folder in _subdirs(os.path.join(data_dir, protocol), pattern):
             if stop is not None and stop.is_set():
@@ -324,7 +319,7 @@ def _period_start(period: str) -> float | None:
 def _quarantine_counts(parent: str, stop: threading.Event | None) -> dict[str, int]:
     """Quarantined blocks per MAC: the `<md5>.csv` files of each folder."""
     counts: dict[str, int] = {}
-    for device_id, folder in _subdirs(parent, ID_PATTERNS["wattmon"]):
+    for device_id, folder in _subdirs(parent, WATTMON.device_id):
         if stop is not None and stop.is_set():
             break
         try:

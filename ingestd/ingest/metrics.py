@@ -17,8 +17,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ingestd.ingest.devices import PROTOCOL_DIRS, DeviceRegistry
+from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.pipeline import Pipeline
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.runtime.logs import DroppingQueueHandler
 
 RequestTally = Counter[tuple[str, str]]  # (protocol, outcome) -> requests
@@ -176,7 +177,7 @@ class _FleetCollector(Collector):
             ),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["protocol"])
-            for protocol in PROTOCOL_DIRS:
+            for protocol in PROTOCOLS:
                 gauge.add_metric([protocol], counts[protocol])
             yield gauge
         if last_seen_max > 0:

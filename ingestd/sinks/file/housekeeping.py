@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.sinks.file.device import FILE_MODE, fsync_dir
 from ingestd.sinks.file.rotation import parse_file_name
 
 log = logging.getLogger("ingestd.housekeeping")
 
-PROTOCOL_DIRS = ("wattmon", "json")
 # A closed file is left alone this long after its last write, so it is
 # surely covered by a checkpoint before it is compressed or deleted.
 SETTLE_SECS = 60.0
@@ -89,7 +89,7 @@ def sweep(data_dir: Path, retention: Retention, now: float | None = None) -> Swe
 
 def _device_folders(data_dir: Path) -> list[Path]:
     folders = []
-    for protocol in PROTOCOL_DIRS:
+    for protocol in PROTOCOLS:
         with contextlib.suppress(FileNotFoundError):
             folders += [p for p in (data_dir / protocol).iterdir() if p.is_dir()]
     return folders

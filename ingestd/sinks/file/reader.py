@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ingestd.ingest.devices import ID_PATTERNS, PROTOCOL_DIRS
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.sinks.file.rotation import parse_file_name
 
 READ_BYTES = 1024 * 1024
@@ -45,8 +45,8 @@ class UnknownDevice(LookupError):
 def valid_id(protocol: str, device_id: str) -> bool:
     """A device id the sink could have written (the same patterns as the
     start-up scan's): no id that passes can name a path outside its folder."""
-    pattern = ID_PATTERNS.get(protocol)
-    return pattern is not None and pattern.fullmatch(device_id) is not None
+    form = PROTOCOLS.get(protocol)
+    return form is not None and form.device_id.fullmatch(device_id) is not None
 
 
 def device_folder(data_dir: Path | str, protocol: str, device_id: str) -> Path:
@@ -76,7 +76,7 @@ class StoredFile:
 def list_files(data_dir: Path | str, protocol: str, device_id: str) -> list[StoredFile]:
     """The device's data files, oldest first; UnknownDevice without a folder."""
     folder = device_folder(data_dir, protocol, device_id)
-    ext = PROTOCOL_DIRS[protocol]
+    ext = PROTOCOLS[protocol].ext
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):

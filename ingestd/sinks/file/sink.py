@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import BinaryIO, TypeVar, TypeVarTuple
 from ingestd.config import StorageConfig
 from ingestd.errors import IngestError, StorageFailed
 from ingestd.protocols.jsonpost import rfc3339
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.runtime.logs import Throttle
 from ingestd.sinks.file.device import (
@@ -50,8 +50,6 @@ log = logging.getLogger("ingestd.storage")
 T = TypeVar("T")
 Args = TypeVarTuple("Args")
 
-EXTENSIONS = {"wattmon": "csv", "json": "jsonl"}
-_DEVICE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}")
 CHECKPOINT_WAL_BYTES = 64 * 1024 * 1024
 MAX_UNSYNCED_PATHS = 65536
 PROBE_BYTES = 64 * 1024
@@ -277,7 +275,7 @@ class FileSink:
             if not folder.is_dir():
                 self._new_dirs.update((folder.parent, self.data_dir))
             device = DeviceFiles.load(
-                folder, f"{protocol}/{device_id}", EXTENSIONS[protocol], self._settings
+                folder, f"{protocol}/{device_id}", PROTOCOLS[protocol].ext, self._settings
             )
             self._devices[ident] = device
         self._devices.move_to_end(ident)
@@ -483,13 +481,14 @@ class FileSink:
     def _checked_path(self, relpath: str) -> Path | None:
         """A logged path, only if it names a device file inside the data dir."""
         parts = relpath.split("/")
-        if len(parts) != 3 or parts[0] not in EXTENSIONS:
+        if len(parts) != 3 or parts[0] not in PROTOCOLS:
             return None
         protocol, device_id, name = parts
         parsed = parse_file_name(name)
-        if not _DEVICE_ID.fullmatch(device_id) or parsed is None:
+        form = PROTOCOLS[protocol]
+        if not form.device_id.fullmatch(device_id) or parsed is None:
             return None
-        if parsed.ext != EXTENSIONS[protocol]:
+        if parsed.ext != form.ext:
             return None
         return self.data_dir / protocol / device_id / name
 
