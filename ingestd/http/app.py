@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -32,14 +34,16 @@ from ingestd.http.keys import (
     METRICS,
     PIPELINE,
     REPORT_ERROR,
+    SHARDS,
     SINK,
 )
 from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.live import InFlight, LiveConfig
 from ingestd.ingest.metrics import Metrics
-from ingestd.ingest.pipeline import Pipeline
+from ingestd.ingest.pipeline import Listener, Pipeline
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.runtime.logs import Throttle, setup_logging
+from ingestd.runtime.shard_states import ShardsJetStream, ShardStates
 from ingestd.sinks.file.housekeeping import Retention, sweep
 from ingestd.sinks.file.sink import FileSink
 
@@ -49,7 +53,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("ingestd.http")
 
 
-def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+def make_app(
+    config: Config, *, clock: Callable[[], float] = time.time, shards: int | None = None
+) -> web.Application:
+    """The app of a daemon that stores in its own process (`shards` None),
+    or of the main process in worker mode, whose `shards` workers store and
+    report to it (the state views, housekeeping, the data dir's lock)."""
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = LiveConfig(config)
     app[CLOCK] = clock
@@ -58,8 +67,11 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app[IN_FLIGHT] = InFlight()
     app[REPORT_ERROR] = app[DEVICES].on_error
     app[LOG_THROTTLE] = Throttle()
-    # The pipeline context is registered first, so it is torn down last.
-    app.cleanup_ctx.append(storage_ctx)
+    # The storage context is registered first, so it is torn down last.
+    if shards is None:
+        app.cleanup_ctx.append(storage_ctx)
+    else:
+        app.cleanup_ctx.append(functools.partial(shards_ctx, shards=shards))
     app.cleanup_ctx.append(housekeeping_ctx)
     app.cleanup_ctx.append(fleet.scan_ctx)  # devices already on disk, in the background
     for path, handler in (
@@ -71,7 +83,8 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     ):
         app.router.add_get(path, handler, expect_handler=expect_continue)
     device_view.setup(app)
-    add_device_route(app)
+    if shards is None:
+        add_device_route(app)
     return app
 
 
@@ -88,22 +101,32 @@ def reload_config(app: web.Application, new: Config) -> tuple[list[str], list[st
     return changed, [key for key in changed if key not in RELOADABLE]
 
 
-async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the sink and start the writer; on the way out, drain then close.
+@dataclass(frozen=True, slots=True)
+class Storage:
+    sink: FileSink
+    pipeline: Pipeline
+    jetstream: JetStreamSink | None
 
-    Cleanup contexts run after the server has finished in-flight requests, so
-    every record a handler submitted is stored before the files close.
-    """
-    config = app[CONFIG].current
-    metrics = app[METRICS]
-    sink = FileSink(config.data_dir, config.storage)
-    sink.observe = metrics.observe_storage
+
+@contextlib.asynccontextmanager
+async def open_storage(
+    config: Config,
+    *,
+    shard: int | None,
+    listener: Listener,
+    observe_batch: Callable[[int, float], None],
+    observe_storage: Callable[[str, float], None],
+) -> AsyncIterator[Storage]:
+    """Open the sink (one process's, or a worker's `shard`), start the
+    writer; on the way out, store what is queued, then close."""
+    sink = FileSink(config.data_dir, config.storage, shard=shard)
+    sink.observe = observe_storage
     await sink.open()
     commit, probe = sink.commit, sink.probe
     jetstream: JetStreamSink | None = None
     # `sink` is restart-only, so the routes are fixed for this run; with no
     # route on JetStream the writer calls the file sink directly.
-    routes = {wattmon.PROTOCOL: config.wattmon.sink, jsonpost.PROTOCOL: config.json.sink}
+    routes = sink_routes(config)
     if any(route != "file" for route in routes.values()):
         # Imported here: nats-py is needed only when a route uses JetStream.
         from ingestd.sinks.jetstream.fanout import Fanout
@@ -117,22 +140,18 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
             raise
         fanout = Fanout(sink, jetstream, routes)
         commit, probe = fanout.commit, fanout.probe
-        app[JETSTREAM] = jetstream
     pipeline = Pipeline(
         commit,
         probe,
         max_records=config.storage.queue_max_records,
         enqueue_timeout_secs=config.storage.enqueue_timeout_secs,
         batch_max_records=config.storage.batch_max_records,
-        listener=app[DEVICES].on_result,
-        observe_batch=metrics.observe_batch,
+        listener=listener,
+        observe_batch=observe_batch,
     )
     pipeline.start()
-    metrics.watch(pipeline, app[DEVICES], lambda: sink.open_devices, jetstream)
-    app[SINK] = sink
-    start_ingest(app, pipeline)
     try:
-        yield
+        yield Storage(sink, pipeline, jetstream)
     finally:
         try:
             await pipeline.close()
@@ -140,6 +159,52 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
         finally:
             if jetstream is not None:
                 await jetstream.close()
+
+
+def sink_routes(config: Config) -> dict[str, str]:
+    return {wattmon.PROTOCOL: config.wattmon.sink, jsonpost.PROTOCOL: config.json.sink}
+
+
+async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One process: storage here.
+
+    Cleanup contexts run after the server has finished in-flight requests, so
+    every record a handler submitted is stored before the files close.
+    """
+    metrics = app[METRICS]
+    async with open_storage(
+        app[CONFIG].current,
+        shard=None,
+        listener=app[DEVICES].on_result,
+        observe_batch=metrics.observe_batch,
+        observe_storage=metrics.observe_storage,
+    ) as storage:
+        sink = storage.sink
+        metrics.watch(storage.pipeline, app[DEVICES], lambda: sink.open_devices, storage.jetstream)
+        app[SINK] = sink
+        if storage.jetstream is not None:
+            app[JETSTREAM] = storage.jetstream
+        start_ingest(app, storage.pipeline)
+        yield
+
+
+async def shards_ctx(app: web.Application, *, shards: int) -> AsyncIterator[None]:
+    """The main process in worker mode: hold the data dir, replay what any
+    earlier run left in it before the workers start, and keep the shards'
+    reported state for the views."""
+    config = app[CONFIG].current
+    lock = await asyncio.to_thread(FileSink(config.data_dir, config.storage).take_over)
+    states = ShardStates(shards)
+    app[SHARDS] = states
+    app[PIPELINE] = states
+    jetstream = None
+    if any(route != "file" for route in sink_routes(config).values()):
+        jetstream = app[JETSTREAM] = ShardsJetStream(states)
+    app[METRICS].watch(states, app[DEVICES], lambda: states.open_devices, jetstream)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -156,7 +221,7 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
                 max_total_bytes=storage.retention_max_bytes,
             )
             try:
-                await loop.run_in_executor(executor, sweep, app[SINK].data_dir, retention)
+                await loop.run_in_executor(executor, sweep, app[CONFIG].current.data_dir, retention)
             except OSError as exc:
                 log.error("housekeeping_failed error=%s", exc)
             await asyncio.sleep(storage.housekeeping_interval_secs)

@@ -497,6 +497,8 @@ class IngestRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        if INGEST not in self._app:
+            return server  # the main process in worker mode: no device posts here
         return FastServer(server, self._app)  # type: ignore[return-value]
 
 

@@ -28,7 +28,7 @@ from ingestd.http.keys import (
     PROTOCOL_OF,
     REPORT_ERROR,
 )
-from ingestd.ingest.pipeline import Pipeline
+from ingestd.ingest.pipeline import Pipeline, Submitter
 from ingestd.ingest.service import IngestService
 
 OK_BODY = "OK"
@@ -58,13 +58,21 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 STATE_PATHS = RESERVED_PATHS
 
 
-def start_ingest(app: web.Application, pipeline: Pipeline, *, limits: bool = True) -> None:
-    """The ingest service over the app's state, once its pipeline runs
-    (`limits` False in a worker process: the main process applies them)."""
+def start_ingest(
+    app: web.Application,
+    pipeline: Pipeline,
+    *,
+    submit_to: Submitter | None = None,
+    limits: bool = True,
+) -> None:
+    """The ingest service over the app's state, once its pipeline runs.
+
+    In a worker, posts go `submit_to` its router to their shard, and the
+    shard applies the limits (`limits` False)."""
     app[PIPELINE] = pipeline
     app[INGEST] = IngestService(
         app[CONFIG],
-        pipeline,
+        submit_to or pipeline,
         clock=app[CLOCK],
         report_error=app[REPORT_ERROR],
         requests=app[METRICS].requests,

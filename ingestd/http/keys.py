@@ -6,31 +6,31 @@ app factory."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.live import InFlight, LiveConfig
 from ingestd.ingest.metrics import Metrics
-from ingestd.ingest.pipeline import Pipeline
 from ingestd.ingest.service import IngestService
+from ingestd.ingest.state import JetStreamState, StorageState
 from ingestd.runtime.logs import Throttle
+from ingestd.runtime.shard_states import ShardStates
 from ingestd.sinks.file.sink import FileSink
-
-if TYPE_CHECKING:
-    from ingestd.sinks.jetstream.sink import JetStreamSink
-
 
 CONFIG = web.AppKey("config", LiveConfig)
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
-PIPELINE = web.AppKey("pipeline", Pipeline)
+# The pipeline; in the main process of worker mode, its shards' summary.
+PIPELINE: web.AppKey[StorageState] = web.AppKey("pipeline")
 # The steps of a device post (set with the pipeline, which it feeds).
 INGEST = web.AppKey("ingest", IngestService)
+# Set where storage is: one process, or a worker.
 SINK = web.AppKey("sink", FileSink)
 # Set only when a route sends records to JetStream.
-JETSTREAM: web.AppKey[JetStreamSink] = web.AppKey("jetstream")
+JETSTREAM: web.AppKey[JetStreamState] = web.AppKey("jetstream")
+# The main process in worker mode: what the workers report of their shards.
+SHARDS = web.AppKey("shards", ShardStates)
 DEVICES = web.AppKey("devices", DeviceRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 # (protocol, device, error code, time) of a refused request from a known

@@ -150,21 +150,38 @@ class DeviceRegistry:
 
     def on_result(self, item: Record | Quarantined, result: Outcome | IngestError) -> None:
         """Called by the pipeline once per stored, refused or duplicate item."""
-        now = item.received_at
-        stats = self._stats(item.protocol, item.device_id, now)
-        stats.last_seen = max(stats.last_seen, now)
-        if isinstance(result, IngestError):
-            self.on_error(item.protocol, item.device_id, result.code, now)
-        elif result is Outcome.DUPLICATE:
-            stats.duplicates += 1
-        elif result is Outcome.QUARANTINED:
-            stats.quarantined += 1
-        elif isinstance(item, Record):
+        outcome = result.code if isinstance(result, IngestError) else result.value
+        if isinstance(item, Record):
+            self.count_result(
+                item.protocol,
+                item.device_id,
+                item.received_at,
+                outcome,
+                item.count,
+                len(item.payload),
+            )
+        else:
+            self.count_result(item.protocol, item.device_id, item.received_at, outcome, 0, 0)
+
+    def count_result(
+        self, protocol: str, device_id: str, at: float, outcome: str, rows: int, size: int
+    ) -> None:
+        """One item's result: an `Outcome` value, or the refusal's error code
+        (a worker's results reach the main process in this plain form)."""
+        stats = self._stats(protocol, device_id, at)
+        stats.last_seen = max(stats.last_seen, at)
+        if outcome == "stored":
             stats.blocks += 1
-            stats.rows += item.count
-            stats.bytes += len(item.payload)
-            stats.count(now, item.count)
-            self._count_recent(now, item.count)
+            stats.rows += rows
+            stats.bytes += size
+            stats.count(at, rows)
+            self._count_recent(at, rows)
+        elif outcome == "duplicate":
+            stats.duplicates += 1
+        elif outcome == "quarantined":
+            stats.quarantined += 1
+        else:
+            self.on_error(protocol, device_id, outcome, at)
 
     def on_error(self, protocol: str, device_id: str, code: str, now: float) -> None:
         stats = self._stats(protocol, device_id, now)

@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ingestd.ingest.devices import DeviceRegistry
-from ingestd.ingest.pipeline import Pipeline
+from ingestd.ingest.state import StorageState
 from ingestd.protocols.registry import PROTOCOLS
 from ingestd.runtime.logs import DroppingQueueHandler
 
@@ -67,7 +67,7 @@ class Metrics:
 
     def watch(
         self,
-        pipeline: Pipeline,
+        pipeline: StorageState,
         devices: DeviceRegistry,
         open_handles: Callable[[], int],
         jetstream: Any = None,
@@ -91,7 +91,7 @@ class _StateCollector(Collector):
     def __init__(
         self,
         requests: RequestTally,
-        pipeline: Pipeline,
+        pipeline: StorageState,
         devices: DeviceRegistry,
         open_handles: Callable[[], int],
     ) -> None:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ingestd.errors import IngestError, QueueFull, ShuttingDown, StorageFailed
 from ingestd.records import Outcome, Quarantined, Record
@@ -26,6 +27,15 @@ Listener = Callable[[Item, Outcome | IngestError], None]
 PROBE_INTERVAL_SECS = 1.0
 # At most one commit (one log sync) per this interval; see Pipeline._run.
 COMMIT_INTERVAL_SECS = 0.001
+
+
+class Submitter(Protocol):
+    """Where the ingest service queues an item: a pipeline, or in a worker
+    the router to the shard that stores it (ingestd.ingest.shards)."""
+
+    def try_submit(self, item: Item) -> asyncio.Future[Outcome] | None: ...
+
+    async def submit(self, item: Item) -> Outcome: ...
 
 
 @dataclass(slots=True)
@@ -80,9 +90,13 @@ class Pipeline:
 
     def making_progress(self, within_secs: float) -> bool:
         """True when idle, or when the writer finished a batch recently."""
+        return self.stalled_secs() < within_secs
+
+    def stalled_secs(self) -> float:
+        """How long records have waited with no batch stored; 0 when idle."""
         if self.depth == 0 and not self._busy:
-            return True
-        return time.monotonic() - self.stats.last_progress < within_secs
+            return 0.0
+        return time.monotonic() - self.stats.last_progress
 
     def set_enqueue_timeout(self, secs: float) -> None:
         self._enqueue_timeout = secs
@@ -110,34 +124,6 @@ class Pipeline:
         except asyncio.QueueFull:
             return None
         return future
-
-    async def submit_many(self, items: list[Item]) -> list[Outcome | IngestError]:
-        """Queue a batch (from a worker process) and wait for every result.
-
-        Refusals come back as errors in the list rather than raised.
-        """
-        if self._closing:
-            return [ShuttingDown("shutting down; retry later")] * len(items)
-        queued: list[asyncio.Future[Outcome] | IngestError] = []
-        for item in items:
-            future = self.try_submit(item)  # no coroutine per record while there is room
-            if future is None:
-                try:
-                    future = await self._put_waiting(item)
-                except QueueFull as exc:
-                    queued.append(exc)
-                    continue
-            queued.append(future)
-        results: list[Outcome | IngestError] = []
-        for entry in queued:
-            if isinstance(entry, IngestError):
-                results.append(entry)
-                continue
-            try:
-                results.append(await entry)
-            except IngestError as exc:
-                results.append(exc)
-        return results
 
     async def _put_waiting(self, item: Item) -> asyncio.Future[Outcome]:
         """Queue `item` into a full queue, waiting up to the deadline for

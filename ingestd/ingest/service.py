@@ -22,7 +22,7 @@ from ingestd.config import is_reserved
 from ingestd.errors import Forbidden, IngestError
 from ingestd.ingest.access import client_address
 from ingestd.ingest.live import LiveConfig
-from ingestd.ingest.pipeline import Pipeline
+from ingestd.ingest.pipeline import Item, Submitter
 from ingestd.protocols import jsonpost, wattmon
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.runtime.logs import Throttle
@@ -56,7 +56,7 @@ class IngestService:
     def __init__(
         self,
         live: LiveConfig,
-        pipeline: Pipeline,
+        pipeline: Submitter,
         *,
         clock: Callable[[], float],
         report_error: ReportError,
@@ -65,8 +65,8 @@ class IngestService:
         limits: bool = True,
     ) -> None:
         self._live = live
-        # Rate limits are per device: a worker process leaves them to the
-        # main process, which sees every worker's posts (`limit`).
+        # Rate limits are per device: in a worker process the shard that
+        # stores the device applies them (`admit`), wherever it was posted.
         self._limits = limits
         self._pipeline = pipeline
         self.clock = clock
@@ -188,21 +188,10 @@ class IngestService:
         parsed = self.parse(protocol, body, content_type, path, remote, idempotency_key, now)
         return self.submit(protocol, parsed, path, now)
 
-    def limit(self, items: list[Record | Quarantined]) -> list[IngestError | None]:
-        """The rate limit of each item a worker process took (None: within
-        it), applied here in the main process, where every worker's posts
-        from one device meet."""
-        now = self.clock()
-        limiters = self._live.limiters
-        refusals: list[IngestError | None] = []
-        for item in items:
-            try:
-                limiters[item.protocol].check(item.device_id, now)
-            except IngestError as exc:
-                refusals.append(exc)
-            else:
-                refusals.append(None)
-        return refusals
+    def admit(self, item: Item) -> None:
+        """The device's rate limit, applied where its posts from every
+        worker meet (the shard that stores it); raises the refusal."""
+        self._live.limiters[item.protocol].check(item.device_id, self.clock())
 
     # -- the answer ------------------------------------------------------------
 

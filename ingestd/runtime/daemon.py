@@ -37,7 +37,9 @@ class Daemon:
         self._workers: WorkerPool | None = None
         self._notifier = Notifier()
         self._stop = asyncio.Event()
-        self._app = make_app(config)
+        self._worker_count = worker_count(config.server.workers, os.cpu_count() or 1)
+        shards = self._worker_count if self._worker_count > 1 else None
+        self._app = make_app(config, shards=shards)
         self._ssl: ssl.SSLContext | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -65,7 +67,9 @@ class Daemon:
                 )
                 return 1
         try:
-            await runner.setup()  # opens storage: replays the log after a crash
+            # Opens storage (or, with workers, locks the data dir): replays
+            # the log after a crash.
+            await runner.setup()
         except OSError as exc:
             log.error(
                 "startup_failed setting=storage.data_dir data_dir=%s error=%s",
@@ -116,7 +120,7 @@ class Daemon:
     async def _start_sites(self, runner: web.AppRunner) -> list[object]:
         """Listen; return the addresses. With workers, they serve the sockets."""
         sockets = listen_sockets()  # socket activation: systemd holds them
-        count = worker_count(self._config.server.workers, os.cpu_count() or 1)
+        count = self._worker_count
         if count > 1:
             if not sockets:
                 sockets = [bind(self._config.server.listen)]
@@ -161,7 +165,8 @@ class Daemon:
                     )
                     return
             changed, needs_restart = reload_config(self._app, new)
-            await self._app[SINK].reopen()
+            if SINK in self._app:  # with workers, each reopens its own
+                await self._app[SINK].reopen()
             if self._workers is not None:
                 await self._workers.reload()
             log.info(

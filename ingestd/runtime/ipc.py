@@ -1,35 +1,40 @@
-"""The private socket between the main process and its workers: length-
-prefixed messages, the main side (`StorageServer`, which feeds its
-pipeline) and the worker side (`RemoteStorage`, a worker's storage).
+"""The private socket between the main process and its workers.
 
-See ingestd/runtime/worker.py for why storage stays in the main process.
+Workers store their own shards (ingestd.ingest.shards); the main process
+supervises them and answers the state requests (/healthz, /metrics, the
+fleet view), from what each worker reports about once a second: its request
+tally, each stored item's result (the fleet view's counts), its batch
+timings, and its storage state. Messages are length-prefixed pickles: both
+ends are this program, over a socket in a private 0700 folder, and none of
+it is on a post's way to its `OK`.
+
+worker -> main: ("hello", id), ("report", Report), ("reloaded", id),
+("drained", id: its requests in flight are answered); main -> worker:
+("close",): every worker has drained, so no more posts will be handed over:
+close storage and exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import pickle
 import struct
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from ingestd.errors import IngestError, StorageFailed
-from ingestd.http.keys import DEVICES, INGEST, METRICS, PIPELINE
-from ingestd.ingest.pipeline import Item
-from ingestd.records import Outcome
+from ingestd.errors import IngestError
+from ingestd.ingest.pipeline import Item, PipelineStats
+from ingestd.records import Record
 
 _LENGTH = struct.Struct(">I")
-STORAGE_SOCKET = "storage.sock"
 CONTROL_SOCKET = "control.sock"
-MAX_PENDING_ERRORS = 10_000
-
-
-# -- messages on the private socket ------------------------------------------------
+MAIN_SOCKET = "main.sock"
+MAX_PENDING = 1_000_000  # results or errors held for one report, at most
 
 
 async def send_message(writer: asyncio.StreamWriter, message: object) -> None:
@@ -43,51 +48,156 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
     try:
         head = await reader.readexactly(_LENGTH.size)
         blob = await reader.readexactly(_LENGTH.unpack(head)[0])
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionError):
         return None
-    # Both ends are this program, over a socket in a private 0700 folder.
     return pickle.loads(blob)
 
 
-def encode_result(result: Outcome | IngestError) -> object:
-    if isinstance(result, IngestError):
-        return (result.status, result.code, result.message, result.retry_after_secs)
-    return result
+@dataclass(slots=True)
+class ShardSnapshot:
+    """A shard's storage as its worker saw it when reporting."""
+
+    depth: int
+    stalled_secs: float  # with records waiting, since the last batch stored; else 0
+    stats: PipelineStats
+    open_devices: int
+    # (healthy, connected, published, duplicates, failures, disconnects)
+    jetstream: tuple[bool, bool, int, int, int, int] | None
 
 
-class RemoteError(IngestError):
-    """An error the main process gave for a record, rebuilt in a worker."""
-
-    def __init__(self, status: int, code: str, message: str, retry_after: int | None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.retry_after_secs = retry_after
+# (protocol, device, received_at, outcome or error code, rows, payload bytes)
+Result = tuple[str, str, float, str, int, int]
 
 
-def decode_result(value: object) -> Outcome | IngestError:
-    if isinstance(value, tuple):
-        return RemoteError(*value)
-    assert isinstance(value, Outcome)
-    return value
+@dataclass(slots=True)
+class Report:
+    worker: int
+    state: ShardSnapshot
+    requests: dict[tuple[str, str], int] = field(default_factory=dict)
+    errors: list[tuple[str, str, str, float]] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    # The file each device stored in this report was last written to.
+    current_files: dict[tuple[str, str], str] = field(default_factory=dict)
+    batches: list[tuple[int, float]] = field(default_factory=list)
+    storage_timings: list[tuple[str, float]] = field(default_factory=list)
 
 
-# -- the main process side -----------------------------------------------------------
+# -- the worker side ---------------------------------------------------------------
 
 
-class StorageServer:
-    """Takes batches from the workers into the main process's pipeline."""
+class Reporter:
+    """What a worker gathers for its next report: the pipeline's listener,
+    its error reporter and its metrics' observers all feed it."""
+
+    def __init__(self, requests: Counter[tuple[str, str]]) -> None:
+        self._requests = requests
+        self._sent: Counter[tuple[str, str]] = Counter()
+        self._errors: list[tuple[str, str, str, float]] = []
+        self._results: list[Result] = []
+        self._batches: list[tuple[int, float]] = []
+        # Appended to by the writer thread: a deque's append and popleft
+        # are atomic, so nothing is lost between two reports.
+        self._timings: collections.deque[tuple[str, float]] = collections.deque()
+
+    def on_result(self, item: Item, result: Any) -> None:
+        if len(self._results) >= MAX_PENDING:
+            return
+        outcome = result.code if isinstance(result, IngestError) else result.value
+        if isinstance(item, Record):
+            rows, size = item.count, len(item.payload)
+        else:
+            rows, size = 0, 0
+        self._results.append((item.protocol, item.device_id, item.received_at, outcome, rows, size))
+
+    def report_error(self, protocol: str, device: str, code: str, at: float) -> None:
+        """A refused request of a known device, for the main process's registry."""
+        if len(self._errors) < MAX_PENDING:
+            self._errors.append((protocol, device, code, at))
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self._batches.append((size, seconds))
+
+    def observe_storage(self, what: str, seconds: float) -> None:
+        self._timings.append((what, seconds))
+
+    def take(
+        self,
+        worker: int,
+        state: ShardSnapshot,
+        current_file: Callable[[str, str], str | None],
+    ) -> Report:
+        """Everything since the last report."""
+        delta = {key: n - self._sent[key] for key, n in self._requests.items()}
+        delta = {key: n for key, n in delta.items() if n}
+        self._sent.update(delta)
+        results, self._results = self._results, []
+        errors, self._errors = self._errors, []
+        batches, self._batches = self._batches, []
+        timings = []
+        while self._timings:
+            timings.append(self._timings.popleft())
+        files = {}
+        for protocol, device, *_ in results:
+            if (protocol, device) not in files:
+                current = current_file(protocol, device)
+                if current is not None:
+                    files[(protocol, device)] = current
+        return Report(worker, state, delta, errors, results, files, batches, timings)
+
+
+class MainLink:
+    """A worker's connection to the main process."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.lost = asyncio.Event()
+        self.closing = asyncio.Event()  # the main process said "close"
+
+    async def connect(self) -> None:
+        reader, self._writer = await asyncio.open_unix_connection(str(self._path))
+        self._reader_task = asyncio.create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while (message := await read_message(reader)) is not None:
+            if message[0] == "close":
+                self.closing.set()
+        self.lost.set()
+
+    async def send(self, message: tuple[Any, ...]) -> None:
+        async with self._lock:
+            if self._writer is not None and not self.lost.is_set():
+                with contextlib.suppress(ConnectionError):
+                    await send_message(self._writer, message)
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+
+
+# -- the main process side ------------------------------------------------------------
+
+
+class WorkerLinks:
+    """The main process's end: takes each worker's messages."""
 
     def __init__(
         self,
-        app: web.Application,
         on_hello: Callable[[int], None],
+        on_report: Callable[[Report], None],
         on_reloaded: Callable[[int], None],
+        on_drained: Callable[[int], None],
     ) -> None:
-        self._app = app
         self._on_hello = on_hello
+        self._on_report = on_report
         self._on_reloaded = on_reloaded
+        self._on_drained = on_drained
         self._server: asyncio.AbstractServer | None = None
+        self._writers: dict[int, asyncio.StreamWriter] = {}
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self, path: Path) -> None:
@@ -99,117 +209,33 @@ class StorageServer:
         for task in list(self._connections):
             task.cancel()
 
+    async def tell_close(self) -> None:
+        """Every worker: no more posts come; close storage and exit."""
+        for writer in list(self._writers.values()):
+            with contextlib.suppress(ConnectionError):
+                await send_message(writer, ("close",))
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
         try:
             while (message := await read_message(reader)) is not None:
-                await self._handle(message, writer)
-        except (ConnectionError, asyncio.CancelledError):
+                kind = message[0]
+                if kind == "report":
+                    self._on_report(message[1])
+                elif kind == "hello":
+                    self._writers[message[1]] = writer
+                    self._on_hello(message[1])
+                elif kind == "reloaded":
+                    self._on_reloaded(message[1])
+                elif kind == "drained":
+                    self._on_drained(message[1])
+        except asyncio.CancelledError:
             pass
         finally:
             self._connections.discard(task)
+            for worker, known in list(self._writers.items()):
+                if known is writer:
+                    del self._writers[worker]
             writer.close()
-
-    async def _handle(self, message: tuple[Any, ...], writer: asyncio.StreamWriter) -> None:
-        kind = message[0]
-        if kind == "commit":
-            items: list[Item] = message[1]
-            self._merge_tally(message[2])
-            self._merge_errors(message[3])
-            # Per device, whichever worker took the post: limits apply here.
-            refusals = self._app[INGEST].limit(items)
-            admitted = [
-                item for item, refused in zip(items, refusals, strict=True) if refused is None
-            ]
-            stored = iter(await self._app[PIPELINE].submit_many(admitted))
-            results = [next(stored) if refused is None else refused for refused in refusals]
-            await send_message(writer, [encode_result(r) for r in results])
-        elif kind == "tally":
-            self._merge_tally(message[1])
-            self._merge_errors(message[2])
-        elif kind == "hello":
-            self._on_hello(message[1])
-        elif kind == "reloaded":
-            self._on_reloaded(message[1])
-
-    def _merge_tally(self, tally: dict[tuple[str, str], int]) -> None:
-        if tally:
-            self._app[METRICS].requests.update(tally)
-
-    def _merge_errors(self, errors: list[tuple[str, str, str, float]]) -> None:
-        """Requests a worker refused for a known device: the fleet view's last error."""
-        for protocol, device, code, at in errors:
-            self._app[DEVICES].on_error(protocol, device, code, at)
-
-
-# -- the worker side -------------------------------------------------------------------
-
-
-class RemoteStorage:
-    """A worker's view of storage: one batch at a time over the socket."""
-
-    def __init__(self, path: Path, tally: Counter[tuple[str, str]]) -> None:
-        self._path = path
-        self._tally = tally
-        self._sent: Counter[tuple[str, str]] = Counter()
-        self._errors: list[tuple[str, str, str, float]] = []
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._lock = asyncio.Lock()
-        self.lost = asyncio.Event()
-
-    async def connect(self) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(str(self._path))
-
-    async def commit(self, items: list[Item]) -> list[Outcome | IngestError]:
-        async with self._lock:
-            try:
-                assert self._reader is not None and self._writer is not None
-                await send_message(
-                    self._writer, ("commit", items, self._tally_delta(), self._take_errors())
-                )
-                reply = await read_message(self._reader)
-            except (ConnectionError, AssertionError):
-                reply = None
-            if reply is None:
-                self.lost.set()
-                return [StorageFailed("storage process gone; retry later")] * len(items)
-            return [decode_result(value) for value in reply]
-
-    async def send_tally(self) -> None:
-        async with self._lock:
-            delta, errors = self._tally_delta(), self._take_errors()
-            if (delta or errors) and self._writer is not None:
-                with contextlib.suppress(ConnectionError):
-                    await send_message(self._writer, ("tally", delta, errors))
-
-    def report_error(self, protocol: str, device: str, code: str, at: float) -> None:
-        """A refused request of a known device, for the main process's registry."""
-        if len(self._errors) < MAX_PENDING_ERRORS:
-            self._errors.append((protocol, device, code, at))
-
-    def _take_errors(self) -> list[tuple[str, str, str, float]]:
-        errors, self._errors = self._errors, []
-        return errors
-
-    async def tell(self, kind: str, worker_id: int) -> None:
-        """`hello` once serving, `reloaded` after applying a SIGHUP."""
-        async with self._lock:
-            if self._writer is not None:
-                with contextlib.suppress(ConnectionError):
-                    await send_message(self._writer, (kind, worker_id))
-
-    async def probe(self) -> None:
-        """Storage health is the main process's business: nothing to test here."""
-
-    def _tally_delta(self) -> dict[tuple[str, str], int]:
-        delta = {key: count - self._sent[key] for key, count in self._tally.items()}
-        delta = {key: n for key, n in delta.items() if n}
-        self._sent.update(delta)
-        return delta
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()

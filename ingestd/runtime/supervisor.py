@@ -1,6 +1,6 @@
 """The main process's side of worker mode: start, watch and stop workers.
 
-See ingestd/runtime/worker.py for what a worker does and why storage stays here.
+See ingestd/runtime/worker.py for what a worker does.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Coroutine
 from pathlib import Path
 
 from aiohttp import web
 
 from ingestd.config import parse_listen
-from ingestd.runtime.ipc import CONTROL_SOCKET, STORAGE_SOCKET, StorageServer
+from ingestd.http.keys import DEVICES, METRICS, SHARDS
+from ingestd.runtime.ipc import CONTROL_SOCKET, MAIN_SOCKET, Report, WorkerLinks
+from ingestd.runtime.shard_states import apply_report
 
 log = logging.getLogger("ingestd.supervisor")
 
@@ -48,8 +51,11 @@ class WorkerPool:
         self._runner = runner
         self._args = args
         self._runtime = Path(tempfile.mkdtemp(prefix="ingestd-"))  # 0700
-        self._storage = StorageServer(app, self._on_hello, self._on_reloaded)
+        self._links = WorkerLinks(
+            self._on_hello, self._on_report, self._on_reloaded, self._on_drained
+        )
         self._reloaded: dict[int, asyncio.Event] = {}
+        self._drained: dict[int, asyncio.Event] = {}
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._ready: dict[int, asyncio.Event] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -62,7 +68,7 @@ class WorkerPool:
         self._fds = [sock.fileno() for sock in sockets]
         # State requests from the workers reach the full app here.
         await web.UnixSite(self._runner, str(self._runtime / CONTROL_SOCKET)).start()
-        await self._storage.start(self._runtime / STORAGE_SOCKET)
+        await self._links.start(self._runtime / MAIN_SOCKET)
         for worker_id in range(self.count):
             await self._spawn(worker_id)
         try:
@@ -81,6 +87,8 @@ class WorkerPool:
             *self._args,
             "--worker-id",
             str(worker_id),
+            "--workers",
+            str(self.count),
             "--runtime-dir",
             str(self._runtime),
             "--fds",
@@ -105,10 +113,20 @@ class WorkerPool:
             log.info("worker_restarted worker=%d", worker_id)
 
     def _on_hello(self, worker_id: int) -> None:
+        self._app[SHARDS].on_hello(worker_id)
         event = self._ready.get(worker_id)
         if event is not None:
             event.set()
         log.debug("worker_ready worker=%d", worker_id)
+
+    def _on_report(self, report: Report) -> None:
+        app = self._app
+        apply_report(report, app[SHARDS], app[DEVICES], app[METRICS])
+
+    def _on_drained(self, worker_id: int) -> None:
+        event = self._drained.get(worker_id)
+        if event is not None:
+            event.set()
 
     def _on_reloaded(self, worker_id: int) -> None:
         event = self._reloaded.get(worker_id)
@@ -137,19 +155,43 @@ class WorkerPool:
                     proc.send_signal(signum)
 
     async def stop(self, timeout_secs: float) -> None:
-        """SIGTERM every worker, let them drain, then stop taking batches."""
+        """SIGTERM every worker, let them drain, then tell them to close
+        storage: only once all have drained, since until then any of them
+        may hand over a post of another's shard."""
         self._stopping = True
+        self._app[SHARDS].stop()
+        self._drained = {worker_id: asyncio.Event() for worker_id in self._procs}
         self.signal(signal.SIGTERM)
         for sock in self._sockets:
             sock.close()  # ours only: the workers keep their copies until done
-        waits = [proc.wait() for proc in self._procs.values()]
         try:
             async with asyncio.timeout(timeout_secs):
-                await asyncio.gather(*waits)
+                await asyncio.gather(
+                    *(
+                        _first_of(self._drained[worker_id].wait(), proc.wait())
+                        for worker_id, proc in self._procs.items()
+                    )
+                )
+        except TimeoutError:
+            log.error("workers_did_not_drain: closing storage anyway")
+        await self._links.tell_close()
+        try:
+            async with asyncio.timeout(timeout_secs):
+                await asyncio.gather(*(proc.wait() for proc in self._procs.values()))
         except TimeoutError:
             log.error("workers_did_not_stop: killing them")
             self.signal(signal.SIGKILL)
-        await self._storage.close()
+            await asyncio.gather(*(proc.wait() for proc in self._procs.values()))
+        await self._links.close()
 
     def cleanup(self) -> None:
         shutil.rmtree(self._runtime, ignore_errors=True)
+
+
+async def _first_of(*waits: Coroutine[object, object, object]) -> None:
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()

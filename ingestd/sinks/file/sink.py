@@ -43,7 +43,7 @@ from ingestd.sinks.file.device import (
 )
 from ingestd.sinks.file.lock import DataDirLock
 from ingestd.sinks.file.rotation import parse_file_name, period_of
-from ingestd.sinks.file.wal import WriteAheadLog, read_log
+from ingestd.sinks.file.wal import WriteAheadLog, all_log_names, log_names, read_log
 
 log = logging.getLogger("ingestd.storage")
 
@@ -58,8 +58,18 @@ Result = Outcome | IngestError
 
 
 class FileSink:
-    def __init__(self, data_dir: Path, config: StorageConfig) -> None:
+    """The files of a data dir (`shard` None), or of one storage shard.
+
+    A shard is a worker process's part of the devices (see
+    ingestd/runtime/shards.py): its own log pair, under a data dir whose lock
+    the main process holds and whose logs it replayed before the workers
+    started; the shard replays its own only, after its worker died.
+    """
+
+    def __init__(self, data_dir: Path, config: StorageConfig, *, shard: int | None = None) -> None:
         self.data_dir = data_dir
+        self.shard = shard
+        self._log_names = log_names(shard)
         self._config = config
         self._settings = Settings(
             rotate_period=config.rotate_period,
@@ -104,12 +114,22 @@ class FileSink:
         await self._run(self._open_blocking)
 
     def _open_blocking(self) -> None:
+        if self.shard is not None:
+            epoch = self.recover(self._log_names)
+            self._wal = WriteAheadLog(
+                self.data_dir, sync=self._sync, epoch=epoch, names=self._log_names
+            )
+            fsync_dir(self.data_dir)
+            return
         make_dirs_durably(self.data_dir)
         # Before anything in the folder is read: a second instance must not
         # replay (and cut) the live daemon's files.
         self._lock.acquire()
         try:
             epoch = self.recover()
+            # Logs a worker-mode run left: replayed above, gone before
+            # anything new is logged, or a later replay would cut it.
+            remove_logs(self.data_dir, keep=self._log_names)
             self._wal = WriteAheadLog(self.data_dir, sync=self._sync, epoch=epoch)
             # The log files' entries: acknowledged blocks live only in them
             # until the first checkpoint.
@@ -117,6 +137,21 @@ class FileSink:
         except BaseException:
             self._lock.release()
             raise
+
+    def take_over(self) -> DataDirLock:
+        """Worker mode, in the main process before any worker starts: lock
+        the data dir, replay every log any earlier run left (of any shard
+        count) and remove them, so each shard starts on a log of its own.
+        The lock is the caller's to hold while the workers run."""
+        make_dirs_durably(self.data_dir)
+        self._lock.acquire()
+        try:
+            self.recover()
+            remove_logs(self.data_dir, keep=())
+        except BaseException:
+            self._lock.release()
+            raise
+        return self._lock
 
     async def close(self) -> None:
         """Sync and close everything; the log ends empty (a clean stop)."""
@@ -147,7 +182,8 @@ class FileSink:
         self._syncer.shutdown(wait=True)
         self._wal.close()
         self._wal = None
-        self._lock.release()
+        if self.shard is None:
+            self._lock.release()
 
     async def reopen(self) -> None:
         """Close every device's handles; the next write opens them again, so
@@ -406,14 +442,15 @@ class FileSink:
             raise
         return written
 
-    def recover(self) -> int:
+    def recover(self, names: tuple[str, ...] | None = None) -> int:
         """Replay the log of an unclean stop: restore, cut torn tails, sync.
+        `names`: the log files to replay; by default every one there is.
 
         Returns the log's epoch, so the next log is told apart from it.
         """
         ends: dict[Path, int] = {}
         keys: dict[Path, list[tuple[str, float]]] = {}
-        epoch, frames = read_log(self.data_dir)
+        epoch, frames = read_log(self.data_dir, names)
         for frame in frames:
             path = self._checked_path(frame.relpath)
             if path is None:
@@ -556,6 +593,15 @@ def _tail_lines(fh: BinaryIO, count: int) -> set[bytes]:
     tail = fh.read()
     fh.seek(0, os.SEEK_END)
     return {line + b"\n" for line in tail.split(b"\n")}
+
+
+def remove_logs(data_dir: Path, keep: tuple[str, ...]) -> None:
+    """Remove every log file but `keep`, durably: before anything new is
+    logged, or a later replay of a stale one would cut newer writes."""
+    for name in all_log_names(data_dir):
+        if name not in keep:
+            (data_dir / name).unlink()
+    fsync_dir(data_dir)
 
 
 def write_durably(path: Path, data: bytes) -> None:

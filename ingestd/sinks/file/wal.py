@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterable
@@ -30,6 +31,9 @@ _HEAD = struct.Struct(">III")
 _EPOCH = struct.Struct(">I")
 WAL_NAME = ".ingestd-wal"
 WAL_NAMES = (WAL_NAME, ".ingestd-wal.1")
+# Every log file any run may have left: one process's pair, or a storage
+# shard's (`.ingestd-wal.s<k>`, `.ingestd-wal.s<k>.1`) in worker mode.
+_ANY_LOG = re.compile(r"\.ingestd-wal(\.s[0-9]{1,4})?(\.1)?")
 MARKER_PATH = "."
 GROW_BYTES = 1024 * 1024
 
@@ -102,9 +106,11 @@ class WriteAheadLog:
     are being synced by a background checkpoint, so devices never wait for a
     checkpoint. Blocking: call from the writer thread."""
 
-    def __init__(self, data_dir: Path, *, sync: bool, epoch: int) -> None:
+    def __init__(
+        self, data_dir: Path, *, sync: bool, epoch: int, names: tuple[str, str] = WAL_NAMES
+    ) -> None:
         self._sync = sync
-        self._slots = [_Slot(data_dir / name) for name in WAL_NAMES]
+        self._slots = [_Slot(data_dir / name) for name in names]
         self._epoch = epoch
         for slot in self._slots:
             self._reset(slot)
@@ -196,11 +202,28 @@ class WriteAheadLog:
             os.close(slot.fd)
 
 
-def read_log(data_dir: Path) -> tuple[int, list[Frame]]:
+def log_names(shard: int | None) -> tuple[str, str]:
+    """The pair of log files of one process (None) or of one storage shard."""
+    return WAL_NAMES if shard is None else (f"{WAL_NAME}.s{shard}", f"{WAL_NAME}.s{shard}.1")
+
+
+def all_log_names(data_dir: Path) -> list[str]:
+    """Every log file in the data dir, whichever mode and shard wrote it."""
+    try:
+        names = os.listdir(data_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in names if _ANY_LOG.fullmatch(name))
+
+
+def read_log(data_dir: Path, names: Iterable[str] | None = None) -> tuple[int, list[Frame]]:
     """The newest epoch (0 when there is no log) and every frame to replay,
-    oldest log file first."""
+    oldest log file first; of the files `names`, by default every log file.
+
+    Files of different shards hold different devices, so their order among
+    each other does not matter; a shard's two files are in epoch order."""
     logs = []
-    for name in WAL_NAMES:
+    for name in all_log_names(data_dir) if names is None else names:
         try:
             blob = (data_dir / name).read_bytes()
         except FileNotFoundError:
