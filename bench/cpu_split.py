@@ -1,0 +1,154 @@
+"""Where a post's CPU goes in worker mode: the serial part (the main
+process) and the spread part (the workers), against one process.
+
+    python3 bench/cpu_split.py [--seconds 10] [--warmup 5] [--connections 64]
+
+For `workers = 1` and `workers = 2`, one run each, in this order, on the
+same bodies as bench/run.py (distinct Wattmon blocks from 1,000 devices,
+keep-alive): start ingestd on an empty data dir, warm it up, then measure
+posts/s and each process's CPU time (utime + stime from /proc, threads
+included) over the measured run. Server and wrk share both cores, as a
+2-core collector box with its load generator would (`--cores`). Prints a
+Markdown table, the ratios the issue asks for, and an Amdahl estimate for
+more cores from the measured split (an estimate, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from run import WARM_BODIES, free_port, wait_listening, wrk
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            found += [int(child) for child in fh.read().split()]
+    return found
+
+
+@dataclass
+class Split:
+    workers: int
+    posts_per_sec: float
+    main_us: float  # CPU per post of the main process
+    workers_us: float  # of all workers together
+
+    @property
+    def total_us(self) -> float:
+        return self.main_us + self.workers_us
+
+
+def measure(workers: int, args: argparse.Namespace) -> Split:
+    run_dir = Path(tempfile.mkdtemp(prefix="ingestd-split-", dir=args.data_root))
+    (run_dir / "data").mkdir()
+    config = run_dir / "ingestd.toml"
+    config.write_text(f"[server]\nworkers = {workers}\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "taskset",
+            "-c",
+            args.cores,
+            sys.executable,
+            "-m",
+            "ingestd",
+            "serve",
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(run_dir / "data"),
+        ],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port)
+        time.sleep(1)  # the workers say hello after the port answers
+        wrk(port, "wattmon", False, args.warmup, args.connections, args.cores, WARM_BODIES)
+        pids = [proc.pid, *children(proc.pid)]
+        if workers > 1:
+            assert len(pids) == workers + 1, f"expected {workers} workers, found {pids[1:]}"
+        before = {pid: cpu_seconds(pid) for pid in pids}
+        result = wrk(port, "wattmon", False, args.seconds, args.connections, args.cores)
+        used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    posts = result["answered"]
+    if result["errors"]:
+        print(f"warning: workers={workers}: {result['errors']:.0f} errors", file=sys.stderr)
+    main = used[proc.pid]
+    spread = sum(seconds for pid, seconds in used.items() if pid != proc.pid)
+    return Split(workers, result["rate"], main / posts * 1e6, spread / posts * 1e6)
+
+
+def amdahl(one: Split, two: Split, cores: int) -> float:
+    """Posts/s on `cores` cores, all serving, from the measured split.
+
+    Per post, the main process costs `two.main_us` on one core (the serial
+    part). The workers cost the single process's CPU plus a hand-off for
+    the posts that reach a worker not owning their device: (n-1)/n of
+    them with n workers; the 2-worker run measures it at half the posts.
+    """
+    handoff_us = max(0.0, 2 * (two.workers_us - one.total_us))
+    per_post = one.total_us + handoff_us * (cores - 1) / cores + two.main_us
+    return min(cores * 1e6 / per_post, 1e6 / two.main_us if two.main_us else float("inf"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=5)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--cores", default="0-1", help="server and wrk, both")
+    parser.add_argument("--data-root", default=None)
+    args = parser.parse_args()
+    one, two = measure(1, args), measure(2, args)
+    print("| workers | posts/s | main process CPU/post | workers CPU/post | total CPU/post |")
+    print("|---|---|---|---|---|")
+    for split in (one, two):
+        spread = f"{split.workers_us:.1f} us" if split.workers > 1 else "-"
+        print(
+            f"| {split.workers} | {split.posts_per_sec:,.0f} | {split.main_us:.1f} us"
+            f" | {spread} | {split.total_us:.1f} us |"
+        )
+    print()
+    print(f"- serial part (main process, 2 workers): {two.main_us:.1f} us/post (target <= 8)")
+    print(
+        f"- total CPU per post, 2 workers / 1 process: {two.total_us / one.total_us:.2f}x"
+        " (target <= 1.25x)"
+    )
+    print(
+        f"- posts/s, 2 workers / 1 process (wrk on the same cores): "
+        f"{two.posts_per_sec / one.posts_per_sec:.2f}x (target >= 1.0x)"
+    )
+    print()
+    print("Estimate (Amdahl, from the split above; not measured):")
+    for cores in (4, 8, 16):
+        print(f"- {cores} cores: ~{amdahl(one, two, cores):,.0f} posts/s")
+
+
+if __name__ == "__main__":
+    main()
