@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
+from ingestd.config import Config, changed_settings, is_reloadable, keep_restart_only
 from ingestd.http import device_view, fleet
 from ingestd.http.handlers import (
     add_device_route,
@@ -38,7 +38,7 @@ from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.live import InFlight, LiveConfig
 from ingestd.ingest.metrics import Metrics
 from ingestd.ingest.pipeline import Pipeline
-from ingestd.protocols import jsonpost, wattmon
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.runtime.logs import Throttle, setup_logging
 from ingestd.sinks.file.housekeeping import Retention, sweep
 from ingestd.sinks.file.sink import FileSink
@@ -85,7 +85,7 @@ def reload_config(app: web.Application, new: Config) -> tuple[list[str], list[st
     live.set(keep_restart_only(live.current, new))
     app[PIPELINE].set_enqueue_timeout(live.current.storage.enqueue_timeout_secs)
     setup_logging(live.current.log.level, live.current.log.format)
-    return changed, [key for key in changed if key not in RELOADABLE]
+    return changed, [key for key in changed if not is_reloadable(key)]
 
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -103,7 +103,7 @@ async def storage_ctx(app: web.Application) -> AsyncIterator[None]:
     jetstream: JetStreamSink | None = None
     # `sink` is restart-only, so the routes are fixed for this run; with no
     # route on JetStream the writer calls the file sink directly.
-    routes = {wattmon.PROTOCOL: config.wattmon.sink, jsonpost.PROTOCOL: config.json.sink}
+    routes = {name: config.section(name).sink for name in PROTOCOLS}
     if any(route != "file" for route in routes.values()):
         # Imported here: nats-py is needed only when a route uses JetStream.
         from ingestd.sinks.jetstream.fanout import Fanout
