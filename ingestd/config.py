@@ -241,10 +241,10 @@ def _read_files(config: Config) -> Config:
     return dataclasses.replace(config, status=_read_token("status", config.status))
 
 
-A = typing.TypeVar("A", bound=Access)
+SectionT = typing.TypeVar("SectionT", bound=Access)
 
 
-def _read_token(name: str, section: A) -> A:
+def _read_token(name: str, section: SectionT) -> SectionT:
     if not section.token_file:
         return section
     token = read_setting_file(f"{name}.token_file", section.token_file).strip()
