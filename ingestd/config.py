@@ -134,6 +134,8 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """Every field is a section (the example config shows each of them)."""
+
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     # The built-in protocols' sections, typed (`config.wattmon.paths`).
@@ -142,11 +144,6 @@ class Config:
     status: StatusConfig = field(default_factory=StatusConfig)
     jetstream: JetStreamConfig = field(default_factory=JetStreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    # The sections of any other registered protocol, by its name (the file's
-    # `[name]` tables); read them with `section()`.
-    protocol_sections: Mapping[str, RouteAccess] = field(
-        default_factory=dict, hash=False, metadata={"table": False}
-    )
 
     @property
     def data_dir(self) -> Path:
@@ -157,15 +154,32 @@ class Config:
         if protocol in _FIELDS:
             section: RouteAccess = getattr(self, protocol)
             return section
-        found = self.protocol_sections.get(protocol)
+        found = self.more_protocols().get(protocol)
         return found if found is not None else PROTOCOLS[protocol].section()
+
+    def more_protocols(self) -> Mapping[str, RouteAccess]:
+        """The sections of protocols registered beyond the typed ones."""
+        return {}
 
     def with_section(self, protocol: str, section: RouteAccess) -> Config:
         if protocol in _FIELDS:
             typed: dict[str, Any] = {protocol: section}
             return dataclasses.replace(self, **typed)
-        sections = {**self.protocol_sections, protocol: section}
-        return dataclasses.replace(self, protocol_sections=sections)
+        fixed = {f.name: getattr(self, f.name) for f in dataclasses.fields(Config)}
+        more = {**self.more_protocols(), protocol: section}
+        return ConfigWithMoreProtocols(**fixed, sections_of_more_protocols=more)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWithMoreProtocols(Config):
+    """A config that also holds the sections (the file's `[name]` tables) of
+    protocols registered beyond those with a typed field; read them with
+    `section(name)`. A subclass, so that Config's fields are its sections."""
+
+    sections_of_more_protocols: Mapping[str, RouteAccess] = field(default_factory=dict, hash=False)
+
+    def more_protocols(self) -> Mapping[str, RouteAccess]:
+        return self.sections_of_more_protocols
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
@@ -173,11 +187,7 @@ _FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
 
 def sections(config: Config) -> dict[str, Any]:
     """Every section by name: the fixed ones and each registered protocol's."""
-    found = {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(Config)
-        if f.metadata.get("table", True)
-    }
+    found = {f.name: getattr(config, f.name) for f in dataclasses.fields(Config)}
     found.update((name, config.section(name)) for name in PROTOCOLS)
     return found
 
@@ -465,8 +475,8 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.metadata.get("table", True)}
-    values = {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    more = {}
     if cls is Config:
         # The table of a registered protocol without a typed field: its own dataclass.
         more = {
@@ -475,13 +485,12 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
             if name in PROTOCOLS and name not in known
         }
         raw = {name: table for name, table in raw.items() if name not in more}
-        if more:
-            values["protocol_sections"] = more
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key {prefix}{unknown[0]!s}")
-    for name, value in raw.items():
-        values[name] = _convert(hints[name], value, f"{prefix}{name}")
+    values = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    if more:
+        return ConfigWithMoreProtocols(**values, sections_of_more_protocols=more)
     return cls(**values)
 
 

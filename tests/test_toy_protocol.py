@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from ingestd.config import Config, ConfigError, is_reloadable, load_config
+from ingestd.config import (
+    Config,
+    ConfigError,
+    changed_settings,
+    is_reloadable,
+    keep_restart_only,
+    load_config,
+    with_overrides,
+)
 from ingestd.errors import BlockTooLarge, IngestError, ProtocolError
 from ingestd.protocols.base import RESERVED_NAMES, DeviceProtocol, Route, StoredAs
 from ingestd.protocols.registry import PROTOCOLS, register, unregister
@@ -201,6 +209,18 @@ def test_its_config_section_is_typed_checked_and_reloadable(
         load_config(write_config(tmp_path, "rate_limit_burst = 0\n"))
     assert is_reloadable("lines.max_lines")
     assert not is_reloadable("lines.sink")
+
+
+def test_its_section_is_kept_through_overrides_and_reloads(
+    lines_protocol: DeviceProtocol[LinesConfig], tmp_path: Path
+) -> None:
+    old = load_config(write_config(tmp_path, "max_lines = 3\n"))
+    overridden = with_overrides(old, listen="127.0.0.1:0", data_dir=None)
+    assert overridden.section("lines") == LinesConfig(max_lines=3)
+    new = load_config(write_config(tmp_path, 'max_lines = 5\nsink = "jetstream"\n'))
+    assert changed_settings(old, new) == ["lines.sink", "lines.max_lines"]
+    # SIGHUP applies max_lines; the sink waits for a restart.
+    assert keep_restart_only(old, new).section("lines") == LinesConfig(max_lines=5)
 
 
 def test_unregistered_its_section_is_refused_and_its_path_is_a_json_stream(

@@ -144,7 +144,5 @@ class DeviceProtocol(Generic[S]):
 
 # Names a protocol cannot take: the config's other sections, and the data
 # directory's own folders.
-RESERVED_NAMES = frozenset(
-    {"server", "storage", "status", "jetstream", "log", "protocol_sections", "quarantine"}
-)
+RESERVED_NAMES = frozenset({"server", "storage", "status", "jetstream", "log", "quarantine"})
 NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
