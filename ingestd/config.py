@@ -1,6 +1,10 @@
 """Settings: frozen dataclasses read from TOML; unknown keys are errors.
 
 Every setting has a default, so an empty file (or none) is a working config.
+Each registered protocol (ingestd.protocols.registry) has a section named
+after it, of its own dataclass (`WattmonConfig` in protocols/wattmon.py);
+the shared pieces (`RouteAccess`, `ConfigError`, the reserved paths) are in
+the leaf `ingestd.settings`. All of them can be imported from here too.
 """
 
 from __future__ import annotations
@@ -16,19 +20,24 @@ import tomllib
 import types
 import typing
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ingestd.errors import BadDeviceKey
-from ingestd.protocols.wattmon import normalise_mac
+from ingestd.protocols.jsonpost import JsonConfig as JsonConfig
+from ingestd.protocols.registry import PROTOCOLS
+from ingestd.protocols.wattmon import WattmonConfig as WattmonConfig
 from ingestd.runtime.tls import server_context
+from ingestd.settings import RESERVED_PATHS as RESERVED_PATHS
+from ingestd.settings import RESERVED_PREFIXES as RESERVED_PREFIXES
+from ingestd.settings import Access as Access
+from ingestd.settings import ConfigError as ConfigError
+from ingestd.settings import RouteAccess as RouteAccess
+from ingestd.settings import check_networks, check_positive, read_setting_file
+from ingestd.settings import is_reserved as is_reserved
 
 MiB = 1024 * 1024
-
-
-class ConfigError(Exception):
-    """The config file cannot be used; the message names the key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,50 +91,6 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class Access:
-    """Who may use an endpoint; empty settings mean everyone."""
-
-    # A shared secret, given as ?token=, as the password (or user) of basic
-    # auth in the URL, or as `Authorization: Bearer`. `token_file` keeps it
-    # out of the config file.
-    token: str = ""
-    token_file: str = ""
-    allowed_networks: tuple[str, ...] = ()  # CIDR, e.g. "10.20.0.0/16"
-
-
-@dataclass(frozen=True, slots=True)
-class RouteAccess(Access):
-    """Who may post to a device route, and how often."""
-
-    # Where acknowledged records go: the per-device files, a NATS JetStream
-    # stream, or both (OK only once every one of them has the record).
-    sink: Literal["file", "jetstream", "both"] = "file"
-    # Blocks per minute per device (token bucket); 0: no limit.
-    rate_limit_per_min: float = 0.0
-    rate_limit_burst: int = 10
-
-
-@dataclass(frozen=True, slots=True)
-class WattmonConfig(RouteAccess):
-    # /export-script.php lets a fleet pointed at the PHP sample move by
-    # changing only the host.
-    paths: tuple[str, ...] = ("/wattmon", "/export-script.php")
-    require_md5: bool = False
-    allowed_macs: tuple[str, ...] = ()  # any spelling; empty: every device
-    allowed_macs_file: str = ""  # one MAC a line, `#` comments; re-read on SIGHUP
-    max_rows: int = 100_000
-    max_columns: int = 1_000
-
-
-@dataclass(frozen=True, slots=True)
-class JsonConfig(RouteAccess):
-    # Any POST to a path that is not a Wattmon path is a JSON document.
-    enabled: bool = True
-    allowed_streams: tuple[str, ...] = ()  # empty: every stream
-    max_depth: int = 64
-
-
-@dataclass(frozen=True, slots=True)
 class StatusConfig(Access):
     """The fleet view: GET /api/devices and the page at / (and /status)."""
 
@@ -169,8 +134,11 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
+    """Every field is a section (the example config shows each of them)."""
+
     server: ServerConfig = field(default_factory=ServerConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # The built-in protocols' sections, typed (`config.wattmon.paths`).
     wattmon: WattmonConfig = field(default_factory=WattmonConfig)
     json: JsonConfig = field(default_factory=JsonConfig)
     status: StatusConfig = field(default_factory=StatusConfig)
@@ -180,6 +148,48 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return Path(self.storage.data_dir)
+
+    def section(self, protocol: str) -> RouteAccess:
+        """A registered protocol's section (its defaults if none was given)."""
+        if protocol in _FIELDS:
+            section: RouteAccess = getattr(self, protocol)
+            return section
+        found = self.more_protocols().get(protocol)
+        return found if found is not None else PROTOCOLS[protocol].section()
+
+    def more_protocols(self) -> Mapping[str, RouteAccess]:
+        """The sections of protocols registered beyond the typed ones."""
+        return {}
+
+    def with_section(self, protocol: str, section: RouteAccess) -> Config:
+        if protocol in _FIELDS:
+            typed: dict[str, Any] = {protocol: section}
+            return dataclasses.replace(self, **typed)
+        fixed = {f.name: getattr(self, f.name) for f in dataclasses.fields(Config)}
+        more = {**self.more_protocols(), protocol: section}
+        return ConfigWithMoreProtocols(**fixed, sections_of_more_protocols=more)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigWithMoreProtocols(Config):
+    """A config that also holds the sections (the file's `[name]` tables) of
+    protocols registered beyond those with a typed field; read them with
+    `section(name)`. A subclass, so that Config's fields are its sections."""
+
+    sections_of_more_protocols: Mapping[str, RouteAccess] = field(default_factory=dict, hash=False)
+
+    def more_protocols(self) -> Mapping[str, RouteAccess]:
+        return self.sections_of_more_protocols
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+def sections(config: Config) -> dict[str, Any]:
+    """Every section by name: the fixed ones and each registered protocol's."""
+    found = {f.name: getattr(config, f.name) for f in dataclasses.fields(Config)}
+    found.update((name, config.section(name)) for name in PROTOCOLS)
+    return found
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -233,30 +243,24 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 
 def _read_files(config: Config) -> Config:
-    """Fold `token_file` and `allowed_macs_file` into the settings they feed."""
-    sections = {}
-    for name in ("wattmon", "json", "status"):
-        section = getattr(config, name)
-        if section.token_file:
-            token = _read_text(f"{name}.token_file", section.token_file).strip()
-            if not token:
-                raise ConfigError(f"{name}.token_file: {section.token_file} is empty")
-            section = dataclasses.replace(section, token=token)
-        if name == "wattmon" and section.allowed_macs_file:
-            text = _read_text("wattmon.allowed_macs_file", section.allowed_macs_file)
-            listed = [line.split("#")[0].strip() for line in text.splitlines()]
-            macs = section.allowed_macs + tuple(mac for mac in listed if mac)
-            section = dataclasses.replace(section, allowed_macs=macs)
-        sections[name] = section
-    return dataclasses.replace(config, **sections)
+    """Fold `token_file`, and the files a protocol's own settings name
+    (`allowed_macs_file`), into the settings they feed."""
+    for protocol in PROTOCOLS.values():
+        section = _read_token(protocol.name, config.section(protocol.name))
+        config = config.with_section(protocol.name, protocol.read_files(section))
+    return dataclasses.replace(config, status=_read_token("status", config.status))
 
 
-def _read_text(name: str, path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{name}: cannot read {path}: {exc}") from exc
+SectionT = typing.TypeVar("SectionT", bound=Access)
+
+
+def _read_token(name: str, section: SectionT) -> SectionT:
+    if not section.token_file:
+        return section
+    token = read_setting_file(f"{name}.token_file", section.token_file).strip()
+    if not token:
+        raise ConfigError(f"{name}.token_file: {section.token_file} is empty")
+    return dataclasses.replace(section, token=token)
 
 
 def with_overrides(config: Config, *, listen: str | None, data_dir: str | None) -> Config:
@@ -274,8 +278,8 @@ def with_overrides(config: Config, *, listen: str | None, data_dir: str | None) 
 
 def validate(config: Config) -> Config:
     parse_listen(config.server.listen)
-    _positive("server.max_body_bytes", config.server.max_body_bytes)
-    _positive("server.shutdown_timeout_secs", config.server.shutdown_timeout_secs)
+    check_positive("server.max_body_bytes", config.server.max_body_bytes)
+    check_positive("server.shutdown_timeout_secs", config.server.shutdown_timeout_secs)
     st = config.storage
     if not st.data_dir:
         raise ConfigError("storage.data_dir: must not be empty")
@@ -290,41 +294,29 @@ def validate(config: Config) -> Config:
         "dedup_window_secs",
         "housekeeping_interval_secs",
     ):
-        _positive(f"storage.{name}", getattr(st, name))
+        check_positive(f"storage.{name}", getattr(st, name))
     for name in ("retention_days", "retention_max_bytes"):
         if getattr(st, name) < 0:
             raise ConfigError(f"storage.{name}: must be 0 (off) or more")
     for name in ("body_timeout_secs", "keepalive_timeout_secs", "max_header_bytes"):
-        _positive(f"server.{name}", getattr(config.server, name))
-    _networks("server.trusted_proxies", config.server.trusted_proxies)
-    _networks("status.allowed_networks", config.status.allowed_networks)
-    _positive("status.silent_after_secs", config.status.silent_after_secs)
+        check_positive(f"server.{name}", getattr(config.server, name))
+    check_networks("server.trusted_proxies", config.server.trusted_proxies)
+    check_networks("status.allowed_networks", config.status.allowed_networks)
+    check_positive("status.silent_after_secs", config.status.silent_after_secs)
     if config.status.last_seen_metric_devices < 0:
         raise ConfigError("status.last_seen_metric_devices: must be 0 (off) or more")
     if config.server.workers < 0:
         raise ConfigError("server.workers: must be 0 (chosen by core count) or more")
-    for section_name in ("wattmon", "json"):
-        section = getattr(config, section_name)
-        _networks(f"{section_name}.allowed_networks", section.allowed_networks)
+    for name in PROTOCOLS:
+        section = config.section(name)
+        check_networks(f"{name}.allowed_networks", section.allowed_networks)
         if section.rate_limit_per_min < 0:
-            raise ConfigError(f"{section_name}.rate_limit_per_min: must be 0 (off) or more")
-        _positive(f"{section_name}.rate_limit_burst", section.rate_limit_burst)
-    for mac in config.wattmon.allowed_macs:
-        try:
-            normalise_mac(mac.encode())
-        except BadDeviceKey:
-            raise ConfigError(f"wattmon.allowed_macs: {mac!r} is not a MAC address") from None
-    _positive("wattmon.max_rows", config.wattmon.max_rows)
-    _positive("wattmon.max_columns", config.wattmon.max_columns)
-    _positive("json.max_depth", config.json.max_depth)
+            raise ConfigError(f"{name}.rate_limit_per_min: must be 0 (off) or more")
+        check_positive(f"{name}.rate_limit_burst", section.rate_limit_burst)
+    for protocol in PROTOCOLS.values():
+        protocol.validate(config.section(protocol.name))  # its own settings
     _tls(config.server)
-    for path in config.wattmon.paths:
-        if not path.startswith("/") or is_reserved(path):
-            raise ConfigError(
-                f"wattmon.paths: {path!r} must start with / and not be one of "
-                f"{RESERVED_PATHS} nor under {' or '.join(RESERVED_PREFIXES)}"
-            )
-    sinks = (config.wattmon.sink, config.json.sink)
+    sinks = [config.section(name).sink for name in PROTOCOLS]
     _jetstream(config.jetstream, used=any(sink != "file" for sink in sinks))
     return config
 
@@ -396,7 +388,7 @@ def _jetstream(js: JetStreamConfig, *, used: bool) -> None:
     if js.max_age_days < 0:
         raise ConfigError("jetstream.max_age_days: must be 0 (no limit) or more")
     for name in ("duplicate_window_secs", "publish_timeout_secs", "reconnect_wait_secs"):
-        _positive(f"jetstream.{name}", getattr(js, name))
+        check_positive(f"jetstream.{name}", getattr(js, name))
     if js.max_age_days and js.duplicate_window_secs > js.max_age_days * 86400:
         raise ConfigError("jetstream.duplicate_window_secs: must not exceed max_age_days")
     if js.password and not js.user:
@@ -412,97 +404,69 @@ def _jetstream(js: JetStreamConfig, *, used: bool) -> None:
             raise ConfigError("jetstream.creds_file: needs the nkeys package (nats-py[nkeys])")
 
 
-# The daemon's own paths, never a device's: a POST to one gets 405, and a
-# path under the prefix (room for more of the daemon's API) is never a stream.
-RESERVED_PATHS = ("/healthz", "/metrics", "/", "/status", "/api/devices")
-# The daemon's own API, and one device's page (ingestd.http.device_view).
-RESERVED_PREFIXES = ("/api/", "/devices/")
-
-
-def is_reserved(path: str) -> bool:
-    return path in RESERVED_PATHS or path.startswith(RESERVED_PREFIXES)
-
-
-# Settings that SIGHUP applies; any other change waits for a restart.
+# Settings outside the protocols' sections that SIGHUP applies; any other
+# change waits for a restart. A protocol's section applies on SIGHUP but for
+# its `RESTART_ONLY` settings (`sink`).
 RELOADABLE = frozenset(
     {
         "server.max_body_bytes",
         "server.body_timeout_secs",
         "server.trusted_proxies",
-        *(
-            f"{route}.{name}"
-            for route in ("wattmon", "json")
-            for name in (
-                "token",
-                "token_file",
-                "allowed_networks",
-                "rate_limit_per_min",
-                "rate_limit_burst",
-            )
-        ),
-        "wattmon.allowed_macs",
-        "wattmon.allowed_macs_file",
-        "wattmon.max_rows",
-        "wattmon.max_columns",
-        "json.allowed_streams",
         "status.enabled",
         "status.token",
         "status.token_file",
         "status.allowed_networks",
         "status.silent_after_secs",
         "status.last_seen_metric_devices",
-        "json.max_depth",
         "server.tls_cert",
         "server.tls_key",
         "storage.enqueue_timeout_secs",
         "storage.compress",
         "storage.retention_days",
         "storage.retention_max_bytes",
-        "wattmon.paths",
-        "wattmon.require_md5",
-        "json.enabled",
         "log.level",
         "log.format",
     }
 )
 
 
+def is_reloadable(setting: str) -> bool:
+    """Does SIGHUP apply this setting (`wattmon.paths`)?"""
+    section, _, name = setting.partition(".")
+    protocol = PROTOCOLS.get(section)
+    if protocol is not None:
+        return name not in protocol.section.RESTART_ONLY
+    return setting in RELOADABLE
+
+
 def changed_settings(old: Config, new: Config) -> list[str]:
     """Dotted names of the settings that differ, e.g. `storage.fsync`."""
     changed = []
-    for section in dataclasses.fields(Config):
-        before, after = getattr(old, section.name), getattr(new, section.name)
+    after_all = sections(new)
+    for section, before in sections(old).items():
+        after = after_all[section]
         for setting in dataclasses.fields(before):
             if getattr(before, setting.name) != getattr(after, setting.name):
-                changed.append(f"{section.name}.{setting.name}")
+                changed.append(f"{section}.{setting.name}")
     return changed
 
 
 def keep_restart_only(old: Config, new: Config) -> Config:
     """`new`, except settings that need a restart keep their running value."""
-    sections = {}
-    for section in dataclasses.fields(Config):
-        before, after = getattr(old, section.name), getattr(new, section.name)
+    kept_config = new
+    after_all = sections(new)
+    for section, before in sections(old).items():
         kept = {
             f.name: getattr(before, f.name)
             for f in dataclasses.fields(before)
-            if f"{section.name}.{f.name}" not in RELOADABLE
+            if not is_reloadable(f"{section}.{f.name}")
         }
-        sections[section.name] = dataclasses.replace(after, **kept)
-    return Config(**sections)
-
-
-def _networks(name: str, values: tuple[str, ...]) -> None:
-    for value in values:
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError as exc:
-            raise ConfigError(f"{name}: {value!r} is not an address or CIDR network") from exc
-
-
-def _positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name}: must be greater than 0, got {value}")
+        after = dataclasses.replace(after_all[section], **kept)
+        if section in PROTOCOLS:
+            kept_config = kept_config.with_section(section, after)
+        else:
+            kept_config = dataclasses.replace(kept_config, **{section: after})
+    return kept_config
 
 
 def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
@@ -512,12 +476,21 @@ def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{where}: expected a table")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    more = {}
+    if cls is Config:
+        # The table of a registered protocol without a typed field: its own dataclass.
+        more = {
+            name: _build(PROTOCOLS[name].section, table, f"{name}.")
+            for name, table in raw.items()
+            if name in PROTOCOLS and name not in known
+        }
+        raw = {name: table for name, table in raw.items() if name not in more}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key {prefix}{unknown[0]!s}")
-    values = {}
-    for name, value in raw.items():
-        values[name] = _convert(hints[name], value, f"{prefix}{name}")
+    values = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in raw.items()}
+    if more:
+        return ConfigWithMoreProtocols(**values, sections_of_more_protocols=more)
     return cls(**values)
 
 

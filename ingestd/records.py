@@ -15,7 +15,7 @@ class Record:
     holds one header only, so a block with another header starts a new file.
     """
 
-    protocol: str  # "wattmon" or "json": also the top-level folder
+    protocol: str  # a registered protocol's name ("wattmon"): also its top-level folder
     device_id: str  # 12 lowercase hex digits, or a checked stream name
     received_at: float  # Unix seconds, from the app's clock
     payload: bytes

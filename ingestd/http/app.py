@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from ingestd.config import RELOADABLE, Config, changed_settings, keep_restart_only
+from ingestd.config import Config, changed_settings, is_reloadable, keep_restart_only
 from ingestd.http import device_view, fleet
 from ingestd.http.handlers import (
     add_device_route,
@@ -41,7 +41,7 @@ from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.live import InFlight, LiveConfig
 from ingestd.ingest.metrics import Metrics
 from ingestd.ingest.pipeline import COMMIT_INTERVAL_SECS, Listener, Pipeline
-from ingestd.protocols import jsonpost, wattmon
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.runtime.logs import Throttle, setup_logging
 from ingestd.runtime.shard_states import ShardsJetStream, ShardStates
 from ingestd.sinks.file.housekeeping import Retention, sweep
@@ -98,7 +98,7 @@ def reload_config(app: web.Application, new: Config) -> tuple[list[str], list[st
     live.set(keep_restart_only(live.current, new))
     app[PIPELINE].set_enqueue_timeout(live.current.storage.enqueue_timeout_secs)
     setup_logging(live.current.log.level, live.current.log.format)
-    return changed, [key for key in changed if key not in RELOADABLE]
+    return changed, [key for key in changed if not is_reloadable(key)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +164,8 @@ async def open_storage(
 
 
 def sink_routes(config: Config) -> dict[str, str]:
-    return {wattmon.PROTOCOL: config.wattmon.sink, jsonpost.PROTOCOL: config.json.sink}
+    """Each protocol's `sink` setting."""
+    return {name: config.section(name).sink for name in PROTOCOLS}
 
 
 async def storage_ctx(app: web.Application) -> AsyncIterator[None]:

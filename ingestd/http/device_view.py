@@ -1,7 +1,8 @@
 """One device's view: its API, its stored data, its page.
 
-- `GET /api/devices/{id}`: counters (as in the fleet list), the Wattmon
-  header, the files (newest first) and the quarantined blocks.
+- `GET /api/devices/{id}`: counters (as in the fleet list), the CSV header
+  (Wattmon), the files (newest first), the quarantined blocks and the
+  formats the data API serves for it.
 - `GET /api/devices/{id}/data`: the stored records, streamed (see
   `record_formats`); `from`, `to` (RFC 3339 or a duration back from now:
   `24h`), `format=csv|json|ndjson`, `limit`, `on_header_change=section|reject`.
@@ -11,16 +12,16 @@
 - `GET /api/devices/{id}/files/{name}`: one stored file, as it is on disk.
 - `GET /devices/{id}`: the page.
 
-`{id}` is a MAC (any spelling) or a stream name; `?protocol=wattmon|json`
-picks one when a stream is named like a MAC. Not an id: 400; not known
-(neither heard from nor on disk): 404. The same access rules as the fleet
-view (`[status]`). Every file is read in a thread.
+`{id}` is a device id of any registered protocol (a MAC in any spelling, a
+stream name); `?protocol=wattmon|json` picks one when a stream is named like
+a MAC. Not an id: 400; not known (neither heard from nor on disk): 404. The
+same access rules as the fleet view (`[status]`). Every file is read in a
+thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -34,12 +35,12 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from ingestd.errors import BadDeviceKey, IngestError
+from ingestd.errors import IngestError
 from ingestd.http import fleet, series
 from ingestd.http.keys import CLOCK, CONFIG, DEVICES, METRICS, SINK
 from ingestd.http.record_formats import CONTENT_TYPES, FORMATS, as_csv, as_json, as_ndjson, cells
 from ingestd.ingest.devices import DeviceStats
-from ingestd.protocols import wattmon
+from ingestd.protocols.base import DeviceProtocol
 from ingestd.protocols.registry import PROTOCOLS
 from ingestd.sinks.file import reader
 from ingestd.sinks.file.reader import StoredFile, UnknownDevice
@@ -90,24 +91,30 @@ def setup(app: web.Application) -> None:
 
 
 def candidates(raw: str, protocol: str | None) -> list[tuple[str, str]]:
-    """(protocol, id) pairs `raw` may name, Wattmon first."""
+    """(protocol, id) pairs `raw` may name, in the registry's order (Wattmon first)."""
     if protocol is not None and protocol not in PROTOCOLS:
-        raise fleet.BadQuery("protocol: expected wattmon or json")
+        raise fleet.unknown_protocol()
     found = []
-    if protocol in (None, "wattmon"):
-        with contextlib.suppress(BadDeviceKey):
-            found.append(("wattmon", wattmon.normalise_mac(raw.encode("utf-8", "replace"))))
-    if protocol in (None, "json") and reader.valid_id("json", raw):
-        found.append(("json", raw))
+    for form in PROTOCOLS.values():
+        if protocol in (None, form.name) and (device_id := form.device_named(raw)) is not None:
+            found.append((form.name, device_id))
     if not found:
-        raise NotADevice("not a device id (a MAC, or a stream name)")
+        kinds = ", or ".join(form.id_description for form in PROTOCOLS.values())
+        raise NotADevice(f"not a device id ({kinds})")
     return found
 
 
 def _on_disk(data_dir: Path, protocol: str, device_id: str) -> bool:
     if os.path.isdir(reader.device_folder(data_dir, protocol, device_id)):
         return True
-    return protocol == "wattmon" and os.path.isdir(quarantine.folder(data_dir, device_id))
+    return PROTOCOLS[protocol].quarantines and os.path.isdir(
+        quarantine.folder(data_dir, device_id, protocol)
+    )
+
+
+def formats(form: DeviceProtocol[Any]) -> list[str]:
+    """The data API's formats for a protocol's records, its default first."""
+    return ["csv", "json", "ndjson"] if form.has_header else ["ndjson", "json"]
 
 
 async def resolve(request: web.Request) -> tuple[str, str]:
@@ -180,8 +187,9 @@ def file_json(
 def describe_files(
     data_dir: Path, protocol: str, device_id: str
 ) -> tuple[dict[str, Any], float | None]:
-    """Files (newest first), the Wattmon header, quarantined blocks; and the
-    newest file's mtime (blocking)."""
+    """Files (newest first), the CSV header, quarantined blocks, the data
+    formats; and the newest file's mtime (blocking)."""
+    form = PROTOCOLS[protocol]
     try:
         files = reader.list_files(data_dir, protocol, device_id)
     except UnknownDevice:
@@ -192,19 +200,26 @@ def describe_files(
         rows = None
         if not stored.compressed and stored.size <= COUNT_ROWS_MAX_BYTES:
             rows = sum(1 for _ in reader.read_lines(folder, stored))
-            rows -= protocol == "wattmon" and rows > 0  # the header line
+            rows -= form.has_header and rows > 0  # the header line
         listed.append(file_json(protocol, device_id, stored, rows))
     header = None
-    if protocol == "wattmon" and files:
+    if form.has_header and files:
         line = reader.first_line(folder, files[-1])
         header = None if line is None else cells(line)
     blocks = []
-    if protocol == "wattmon":
+    if form.quarantines:
         blocks = [
             {**asdict(block), "modified": fleet.timestamp(block.mtime)}
-            for block in quarantine.list_blocks(data_dir, device_id, MAX_LISTED_QUARANTINE)
+            for block in quarantine.list_blocks(
+                data_dir, device_id, MAX_LISTED_QUARANTINE, protocol
+            )
         ]
-    described = {"header": header, "files": listed, "quarantined_blocks": blocks}
+    described = {
+        "header": header,
+        "files": listed,
+        "quarantined_blocks": blocks,
+        "formats": formats(form),
+    }
     return described, files[-1].mtime if files else None
 
 
@@ -255,10 +270,11 @@ async def data_api(request: web.Request) -> web.StreamResponse:
     protocol, device_id = await resolve(request)
     query = request.query
     now = _now(request)
-    fmt = query.get("format", "csv" if protocol == "wattmon" else "ndjson")
+    form = PROTOCOLS[protocol]
+    fmt = query.get("format", formats(form)[0])
     if fmt not in FORMATS:
         raise fleet.BadQuery("format: expected csv, json or ndjson")
-    if fmt == "csv" and protocol != "wattmon":
+    if fmt == "csv" and not form.has_header:
         raise fleet.BadQuery("format: csv is for Wattmon devices; use json or ndjson")
     on_change = query.get("on_header_change", "section")
     if on_change not in ("section", "reject"):
@@ -271,7 +287,7 @@ async def data_api(request: web.Request) -> web.StreamResponse:
         files = await asyncio.to_thread(reader.list_files, data_dir, protocol, device_id)
     except UnknownDevice:
         files = []  # known from its quarantined blocks only
-    late = reader.LATE_ROWS_SECS if protocol == "wattmon" else 0.0
+    late = reader.late_secs(protocol)
     selected = reader.files_in_range(files, start, end, late)
     if fmt == "csv" and on_change == "reject":
         folder = reader.device_folder(data_dir, protocol, device_id)
@@ -287,9 +303,9 @@ async def data_api(request: web.Request) -> web.StreamResponse:
     if fmt == "csv":
         chunks = as_csv(items, limit)
     elif fmt == "json":
-        chunks = as_json(protocol, items, limit)
+        chunks = as_json(form.stored_as, items, limit)
     else:
-        chunks = as_ndjson(protocol, items, limit)
+        chunks = as_ndjson(form.stored_as, items, limit)
     response = web.StreamResponse(
         headers={
             hdrs.CONTENT_TYPE: CONTENT_TYPES[fmt],
@@ -314,6 +330,7 @@ def chart(
     data_dir: Path, protocol: str, device_id: str, start: float, end: float
 ) -> dict[str, Any]:
     """The page's data (blocking): latest values and downsampled series."""
+    form = PROTOCOLS[protocol]
     try:
         files = reader.list_files(data_dir, protocol, device_id)
     except UnknownDevice:
@@ -322,18 +339,18 @@ def chart(
     latest = None
     for stored in reversed(files):  # the newest file with a record in it
         line = reader.last_line(folder, stored)
-        header = reader.first_line(folder, stored) if protocol == "wattmon" else b""
-        if line is not None and (protocol != "wattmon" or line != header):
-            ts = reader.row_time(line) if protocol == "wattmon" else reader.received_at(line)
+        header = reader.first_line(folder, stored) if form.has_header else b""
+        if line is not None and (not form.has_header or line != header):
+            ts = reader.TIME_OF[form.stored_as](line)
             latest = {
                 "file": stored.name,
                 "time": None if ts is None else fleet.timestamp(ts),
-                "values": series.latest_values(protocol, header or b"", line),
+                "values": series.latest_values(form.stored_as, header or b"", line),
             }
             break
     selected = reader.files_in_range(files, start, end, reader.LATE_ROWS_SECS)
     items = reader.records(data_dir, protocol, device_id, selected, start, end)
-    found, count = series.collect(protocol, items)
+    found, count = series.collect(form.stored_as, items)
     charted = series.downsampled(found, start, end, MAX_POINTS // 2)
     return {
         "id": device_id,
@@ -383,11 +400,7 @@ async def file_download(request: web.Request) -> web.StreamResponse:
     if stored is None:
         raise UnknownDeviceError("no such file")
     path = reader.device_folder(data_dir, protocol, device_id) / stored.name
-    content_type = (
-        "application/gzip"
-        if stored.compressed
-        else CONTENT_TYPES["csv" if protocol == "wattmon" else "ndjson"]
-    )
+    content_type = "application/gzip" if stored.compressed else PROTOCOLS[protocol].content_type
     return web.FileResponse(
         path,
         headers={

@@ -5,15 +5,16 @@ plus those found in the data directory at start-up (`scan_ctx`):
 
     {"summary": {...}, "devices": [{"id": ..., "protocol": ..., ...}, ...]}
 
-Query: `protocol=wattmon|json`; `silent_for=DURATION` (only devices with no
-data for at least that long); `silent_after=DURATION` (when a device counts
-as silent, default 15m, or `silent_for` when given); `order=newest|oldest`
-(by last seen, default newest first); `limit=N`. A duration is seconds
-(`90`, `1.5`) or a number with a unit: `90s`, `15m`, `2h`, `1d`. The summary
-is the whole fleet's, whatever the filters. Times are RFC 3339 UTC.
-Blocks (and documents), rows and bytes count since the start (the scan
-reads no file). `records`, `hourly_records` and `records_per_minute` are the
-old names of `rows`, `hourly_rows` and `rows_per_minute`, kept for clients.
+Query: `protocol=wattmon|json` (any registered protocol's name);
+`silent_for=DURATION` (only devices with no data for at least that long);
+`silent_after=DURATION` (when a device counts as silent, default 15m, or
+`silent_for` when given); `order=newest|oldest` (by last seen, default
+newest first); `limit=N`. A duration is seconds (`90`, `1.5`) or a number
+with a unit: `90s`, `15m`, `2h`, `1d`. The summary is the whole fleet's,
+whatever the filters. Times are RFC 3339 UTC. Blocks (and documents), rows
+and bytes count since the start (the scan reads no file). `records`,
+`hourly_records` and `records_per_minute` are the old names of `rows`,
+`hourly_rows` and `rows_per_minute`, kept for clients.
 
 Both endpoints follow `[status]`: disabled -> 404; client network and token
 as on the device routes.
@@ -60,6 +61,10 @@ _UNIT_SECS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 class BadQuery(IngestError):
     code = "bad_query"
+
+
+def unknown_protocol() -> BadQuery:
+    return BadQuery(f"protocol: expected {' or '.join(PROTOCOLS)}")
 
 
 # -- access ------------------------------------------------------------------------
@@ -109,7 +114,7 @@ class Query:
     def parse(cls, query: Mapping[str, str]) -> Query:
         protocol = query.get("protocol") or None
         if protocol is not None and protocol not in PROTOCOLS:
-            raise BadQuery("protocol: expected wattmon or json")
+            raise unknown_protocol()
         silent_for = query.get("silent_for")
         since = None if silent_for is None else parse_duration("silent_for", silent_for)
         silent_after = query.get("silent_after")

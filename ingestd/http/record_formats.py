@@ -4,13 +4,15 @@ Generators that run in a thread (they pull from `sinks.reader.records`,
 which reads files): the data API writes each chunk as it comes, so a
 device's whole history is never in memory.
 
-- `csv` (Wattmon only): the rows as stored, under their header. When the
-  header changes within the selection, a blank line and the new header
-  start a new section (or, with `reject_mixed`, `MixedHeaders` is raised
-  before the first byte: the caller checks with `headers_of` first).
-- `ndjson`: one JSON object per line: a Wattmon row as `{column: cell}`
+- `csv` (a protocol stored as CSV: Wattmon): the rows as stored, under
+  their header. When the header changes within the selection, a blank line
+  and the new header start a new section (or, with `reject_mixed`,
+  `MixedHeaders` is raised before the first byte: the caller checks with
+  `headers_of` first).
+- `ndjson`: one JSON object per line: a CSV row as `{column: cell}`
   (cells as the text stored), a JSON document's stored line as it is
-  (`{"received_at": ..., "remote": ..., "path": ..., "body": ...}`).
+  (`{"received_at": ..., "remote": ..., "path": ..., "body": ...}`), a text
+  line as `{"line": text}`.
 - `json`: the same objects in one array.
 """
 
@@ -20,6 +22,7 @@ import csv
 import json
 from collections.abc import Generator, Iterable, Iterator
 
+from ingestd.protocols.base import StoredAs
 from ingestd.sinks.file.reader import StoredRecord
 
 FORMATS = ("csv", "json", "ndjson")
@@ -71,12 +74,16 @@ def as_csv(items: Iterable[StoredRecord], limit: int | None = None) -> Chunks:
     return _chunked(parts())
 
 
-def _objects(protocol: str, items: Iterable[StoredRecord]) -> Iterator[bytes]:
+def _objects(stored_as: StoredAs, items: Iterable[StoredRecord]) -> Iterator[bytes]:
     """Each record as one JSON object's bytes."""
-    if protocol != "wattmon":
+    if stored_as is StoredAs.JSON_LINES:
         yield from (item.line for item in items)  # stored as JSON already
         return
     encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    if stored_as is StoredAs.TEXT:
+        for item in items:
+            yield encode({"line": item.line.decode("utf-8", "replace")}).encode()
+        return
     header: bytes | None = None
     names: list[str] = []
     for item in items:
@@ -87,14 +94,16 @@ def _objects(protocol: str, items: Iterable[StoredRecord]) -> Iterator[bytes]:
         yield encode(dict(zip(names, row, strict=False))).encode()
 
 
-def as_ndjson(protocol: str, items: Iterable[StoredRecord], limit: int | None = None) -> Chunks:
-    return _chunked(obj + b"\n" for obj in _objects(protocol, _limited(items, limit)))
+def as_ndjson(
+    stored_as: StoredAs, items: Iterable[StoredRecord], limit: int | None = None
+) -> Chunks:
+    return _chunked(obj + b"\n" for obj in _objects(stored_as, _limited(items, limit)))
 
 
-def as_json(protocol: str, items: Iterable[StoredRecord], limit: int | None = None) -> Chunks:
+def as_json(stored_as: StoredAs, items: Iterable[StoredRecord], limit: int | None = None) -> Chunks:
     def parts() -> Iterator[bytes]:
         yield b"["
-        for i, obj in enumerate(_objects(protocol, _limited(items, limit))):
+        for i, obj in enumerate(_objects(stored_as, _limited(items, limit))):
             yield obj if i == 0 else b",\n" + obj
         yield b"]\n"
 

@@ -1,9 +1,11 @@
 """A device's stored records as numeric series and latest values (pure).
 
-Wattmon: every column whose cells are numbers (at least half of those not
-empty, within one header section) is a series, plotted at the row's own
-time; rows without a time are left off the chart. JSON: every numeric leaf
-of the document (`a.b.c`, at most `MAX_DEPTH` deep), at `received_at`.
+By the shape of the protocol's stored lines (`StoredAs`). CSV (Wattmon):
+every column whose cells are numbers (at least half of those not empty,
+within one header section) is a series, plotted at the row's own time; rows
+without a time are left off the chart. JSON Lines: every numeric leaf of the
+document (`a.b.c`, at most `MAX_DEPTH` deep), at `received_at`. Text: no
+series; the latest line as it is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import orjson
 
 from ingestd.http.downsample import Point, min_max
 from ingestd.http.record_formats import cells
+from ingestd.protocols.base import StoredAs
 from ingestd.sinks.file.reader import StoredRecord
 
 MAX_SERIES = 40  # columns charted at most (the first ones)
@@ -59,7 +62,7 @@ def _numbers(column: Sequence[str]) -> list[float | None] | None:
     return found if good and 2 * good >= filled else None
 
 
-def _wattmon_sections(
+def _csv_sections(
     items: Iterable[StoredRecord],
 ) -> Iterator[tuple[bytes, list[float], list[bytes]]]:
     """(header, times, lines) per run of rows with the same header; rows
@@ -80,7 +83,7 @@ def _wattmon_sections(
         yield header, times, lines
 
 
-def collect(protocol: str, items: Iterable[StoredRecord]) -> tuple[dict[str, Series], int]:
+def collect(stored_as: StoredAs, items: Iterable[StoredRecord]) -> tuple[dict[str, Series], int]:
     """Numeric series by name, and the number of records read."""
     series: dict[str, Series] = {}
     count = 0
@@ -100,8 +103,8 @@ def collect(protocol: str, items: Iterable[StoredRecord]) -> tuple[dict[str, Ser
                 target.times.append(ts)
                 target.values.append(value)
 
-    if protocol == "wattmon":
-        for header, times, lines in _wattmon_sections(items):
+    if stored_as is StoredAs.CSV:
+        for header, times, lines in _csv_sections(items):
             count += len(lines)
             names = cells(header)
             rows = list(csv.reader(line.decode("utf-8", "replace") for line in lines))
@@ -115,7 +118,7 @@ def collect(protocol: str, items: Iterable[StoredRecord]) -> tuple[dict[str, Ser
                 numbers = _numbers(columns[index])
                 if numbers is not None:
                     add(names[index], times, numbers)
-    else:
+    elif stored_as is StoredAs.JSON_LINES:
         for item in items:
             count += 1
             if item.time is None:
@@ -124,6 +127,8 @@ def collect(protocol: str, items: Iterable[StoredRecord]) -> tuple[dict[str, Ser
                 number = isinstance(value, int | float) and not isinstance(value, bool)
                 if number and math.isfinite(value):
                     add(name, [item.time], [float(value)])
+    else:
+        count = sum(1 for _ in items)
     return series, count
 
 
@@ -156,12 +161,14 @@ def downsampled(
     return charted
 
 
-def latest_values(protocol: str, header: bytes, line: bytes) -> list[tuple[str, str]]:
+def latest_values(stored_as: StoredAs, header: bytes, line: bytes) -> list[tuple[str, str]]:
     """(column, value) of the newest record, for a table."""
-    if protocol == "wattmon":
+    if stored_as is StoredAs.CSV:
         names, row = cells(header), cells(line)
         pairs = list(zip(names, row, strict=False))
         pairs += [(f"column {i + 1}", cell) for i, cell in enumerate(row) if i >= len(names)]
+    elif stored_as is StoredAs.TEXT:
+        pairs = [("line", line.decode("utf-8", "replace"))]
     else:
         pairs = [
             (name, value if isinstance(value, str) else orjson.dumps(value).decode())

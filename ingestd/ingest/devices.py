@@ -21,7 +21,7 @@ from itertools import repeat
 from pathlib import Path
 
 from ingestd.errors import IngestError
-from ingestd.protocols.registry import PROTOCOLS, WATTMON
+from ingestd.protocols.registry import PROTOCOLS
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.sinks.file.device import FIRST_SEEN_NAME, read_first_seen
 from ingestd.sinks.file.rotation import FileName, parse_file_name
@@ -244,10 +244,10 @@ def scan_data_dir(data_dir: Path, stop: threading.Event | None = None) -> list[S
     `stop` set ends the scan early with what it found so far.
     """
     found: list[ScannedDevice] = []
-    quarantine = os.path.join(data_dir, "quarantine", "wattmon")
-    quarantined = _quarantine_counts(quarantine, stop)
     for protocol, form in PROTOCOLS.items():
         pattern, ext = form.device_id, form.ext
+        quarantine = os.path.join(data_dir, "quarantine", protocol)
+        quarantined = _quarantine_counts(quarantine, pattern, stop) if form.quarantines else {}
         seen: set[str] = set()
         for device_id, folder in _subdirs(os.path.join(data_dir, protocol), pattern):
             if stop is not None and stop.is_set():
@@ -256,9 +256,9 @@ def scan_data_dir(data_dir: Path, stop: threading.Event | None = None) -> list[S
             if entry is None:
                 continue
             seen.add(device_id)
-            count = quarantined.get(device_id, 0) if protocol == "wattmon" else 0
+            count = quarantined.get(device_id, 0)
             found.append(ScannedDevice(protocol, device_id, *entry, count))
-        if protocol == "wattmon":
+        if quarantined:
             # Devices whose every block so far went to quarantine.
             for device_id, count in quarantined.items():
                 if device_id in seen:
@@ -333,10 +333,12 @@ def _period_start(period: str) -> float | None:
         return None
 
 
-def _quarantine_counts(parent: str, stop: threading.Event | None) -> dict[str, int]:
-    """Quarantined blocks per MAC: the `<md5>.csv` files of each folder."""
+def _quarantine_counts(
+    parent: str, pattern: re.Pattern[str], stop: threading.Event | None
+) -> dict[str, int]:
+    """Quarantined blocks per device: the `<md5>.csv` files of each folder."""
     counts: dict[str, int] = {}
-    for device_id, folder in _subdirs(parent, WATTMON.device_id):
+    for device_id, folder in _subdirs(parent, pattern):
         if stop is not None and stop.is_set():
             break
         try:

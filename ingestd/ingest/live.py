@@ -5,37 +5,51 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from dataclasses import dataclass
 
 from ingestd.config import Config
 from ingestd.ingest.access import RateLimiter, RoutePolicy, networks
-from ingestd.protocols import jsonpost, wattmon
+from ingestd.protocols.base import Route
+from ingestd.protocols.registry import PROTOCOLS, match_order
+
+
+@dataclass(frozen=True, slots=True)
+class LiveRoute:
+    """One protocol's route under the running config: its own steps and the
+    rules every route shares."""
+
+    protocol: str
+    steps: Route  # match, the checks of its path, parse
+    policy: RoutePolicy  # client network, token
+    limiter: RateLimiter  # per device; kept across reloads
 
 
 class LiveConfig:
-    """The running config and what is compiled from it; SIGHUP swaps both."""
+    """The running config and what is compiled from it; SIGHUP swaps both.
+
+    Each registered protocol's route is compiled here, once per load: a
+    request looks its protocol up in `routes` and reads nothing else.
+    """
 
     def __init__(self, config: Config) -> None:
-        self.limiters = {
-            wattmon.PROTOCOL: RateLimiter(0, 1),
-            jsonpost.PROTOCOL: RateLimiter(0, 1),
-        }
+        # Kept across reloads: a device's bucket outlives a SIGHUP.
+        self._limiters = {name: RateLimiter(0, 1) for name in PROTOCOLS}
         self.set(config)
 
     def set(self, config: Config) -> None:
         self.current = config
         self.trusted_proxies = networks(config.server.trusted_proxies)
-        self.policies = {
-            wattmon.PROTOCOL: RoutePolicy.of(config.wattmon),
-            jsonpost.PROTOCOL: RoutePolicy.of(config.json),
-        }
-        macs = config.wattmon.allowed_macs
-        self.allowed_macs = frozenset(wattmon.normalise_mac(m.encode()) for m in macs) or None
-        self.allowed_streams = frozenset(config.json.allowed_streams) or None
-        for protocol, section in (
-            (wattmon.PROTOCOL, config.wattmon),
-            (jsonpost.PROTOCOL, config.json),
-        ):
-            self.limiters[protocol].configure(section.rate_limit_per_min, section.rate_limit_burst)
+        routes = {}
+        for protocol in match_order():
+            section = config.section(protocol.name)
+            limiter = self._limiters[protocol.name]
+            limiter.configure(section.rate_limit_per_min, section.rate_limit_burst)
+            routes[protocol.name] = LiveRoute(
+                protocol.name, protocol.route(section), RoutePolicy.of(section), limiter
+            )
+        self.routes = routes
+        # The order a post's path is tried in: catch-alls (JSON) last.
+        self.in_match_order = tuple(routes.values())
 
 
 class InFlight:

@@ -8,7 +8,10 @@ hands back the pipeline's future, so the fast path answers from its callback
 with no task per request, and aiohttp's handler awaits it.
 
 Parsing is pure (it may run in a thread for a large body); every other step
-touches shared state (rate limits, the pipeline) and runs on the loop.
+touches shared state (rate limits, the pipeline) and runs on the loop. What
+differs between protocols (which paths, what a path says, how a body
+parses) is each protocol's `Route` (ingestd.protocols.base), compiled by the
+live config at each load; `protocol` here is its name.
 """
 
 from __future__ import annotations
@@ -19,18 +22,18 @@ from collections import Counter
 from collections.abc import Callable
 
 from ingestd.config import is_reserved
-from ingestd.errors import Forbidden, IngestError
+from ingestd.errors import IngestError
 from ingestd.ingest.access import client_address
 from ingestd.ingest.live import LiveConfig
 from ingestd.ingest.pipeline import Item, Submitter
-from ingestd.protocols import jsonpost, wattmon
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.runtime.logs import Throttle
 
 log = logging.getLogger("ingestd.http")
 
-# What a parse gives: the item, None (a Wattmon post without data), or the
-# refusal, returned rather than raised so a parse in a thread hands it back.
+# What a parse gives: the item, None (nothing to store: a Wattmon post
+# without data), or the refusal, returned rather than raised so a parse in a
+# thread hands it back.
 Parsed = Record | Quarantined | None | IngestError
 # (protocol, device, error code, time) of a refused post from a known device.
 ReportError = Callable[[str, str, str, float], None]
@@ -78,16 +81,12 @@ class IngestService:
 
     def route(self, path: str) -> str | None:
         """The protocol of a device post to `path`; None for a reserved path
-        or, with JSON off, any path that is not Wattmon's (404)."""
+        or one no protocol takes (with JSON off, any other's: 404)."""
         if is_reserved(path):
             return None
-        config = self._live.current
-        # `/wattmon/` too: a device URL typed with a slash must not become a stream.
-        paths = config.wattmon.paths
-        if path in paths or (path[-1:] == "/" and path[:-1] in paths):
-            return wattmon.PROTOCOL
-        if config.json.enabled:
-            return jsonpost.PROTOCOL
+        for route in self._live.in_match_order:
+            if route.steps.matches(path):
+                return route.protocol
         return None
 
     def check(
@@ -99,22 +98,21 @@ class IngestService:
         query_string: str,
         authorization: str | None,
     ) -> str:
-        """The checks that need no body: network, token, and a JSON post's
-        stream (allowed, rate limit). Returns the client's address."""
+        """The checks that need no body: network, token, and the device a
+        path names (a JSON stream: allowed, rate limit). Returns the
+        client's address."""
         live = self._live
         # Every X-Forwarded-For line: a proxy may add its own after a forged one.
         remote = client_address(
             peer, ", ".join(forwarded_for) if forwarded_for else None, live.trusted_proxies
         )
-        policy = live.policies[protocol]
-        policy.check_network(remote)
-        policy.check_token(query_string, authorization)
-        if protocol == jsonpost.PROTOCOL:
-            stream = jsonpost.stream_name(path)
-            if live.allowed_streams is not None and stream not in live.allowed_streams:
-                raise Forbidden("stream not allowed")
+        route = live.routes[protocol]
+        route.policy.check_network(remote)
+        route.policy.check_token(query_string, authorization)
+        if route.steps.path_names_device:
+            device = route.steps.device_from_path(path)
             if self._limits:
-                live.limiters[protocol].check(stream, self.clock())
+                route.limiter.check(device, self.clock())
         return remote
 
     def parse(
@@ -128,27 +126,9 @@ class IngestService:
         now: float,
     ) -> Parsed:
         """Pure: the body's item or its refusal (safe in a thread)."""
-        live = self._live
-        config = live.current
+        steps = self._live.routes[protocol].steps
         try:
-            if protocol == wattmon.PROTOCOL:
-                return wattmon.parse(
-                    body,
-                    content_type,
-                    received_at=now,
-                    require_md5=config.wattmon.require_md5,
-                    max_rows=config.wattmon.max_rows,
-                    max_columns=config.wattmon.max_columns,
-                    allowed_macs=live.allowed_macs,
-                )
-            return jsonpost.parse(
-                body,
-                path=path,
-                remote=remote,
-                received_at=now,
-                idempotency_key=idempotency_key,
-                max_depth=config.json.max_depth,
-            )
+            return steps.parse(body, content_type, path, remote, idempotency_key, now)
         except IngestError as exc:
             return exc
 
@@ -162,9 +142,11 @@ class IngestService:
             raise parsed
         if parsed is None:
             return None
-        if protocol == wattmon.PROTOCOL and self._limits:
-            # A JSON post's stream was limited in `check`, before its body.
-            self._live.limiters[protocol].check(parsed.device_id, now)
+        if self._limits:
+            route = self._live.routes[protocol]
+            # A post whose path names its device was limited in `check`, before its body.
+            if not route.steps.path_names_device:
+                route.limiter.check(parsed.device_id, now)
         future = self._pipeline.try_submit(parsed)
         if future is None:  # the queue is full: wait for room, up to its deadline
             future = asyncio.ensure_future(self._pipeline.submit(parsed))
@@ -191,7 +173,7 @@ class IngestService:
     def admit(self, item: Item) -> None:
         """The device's rate limit, applied where its posts from every
         worker meet (the shard that stores it); raises the refusal."""
-        self._live.limiters[item.protocol].check(item.device_id, self.clock())
+        self._live.routes[item.protocol].limiter.check(item.device_id, self.clock())
 
     # -- the answer ------------------------------------------------------------
 
@@ -222,14 +204,10 @@ class IngestService:
     def _report(self, protocol: str, exc: IngestError, path: str, now: float) -> None:
         """A known device's refused post (bad MD5, too large) is its last
         error in the fleet view; a device not allowed stays unknown."""
-        if protocol == wattmon.PROTOCOL:
-            mac = exc.device
-            allowed = self._live.allowed_macs
-            if mac is not None and (allowed is None or mac in allowed):
-                self._report_error(protocol, mac, exc.code, now)
-        else:
-            exc.device = jsonpost.stream_name(path)
-            self._report_error(protocol, exc.device, exc.code, now)
+        device = self._live.routes[protocol].steps.refused_device(exc, path)
+        if device is not None:
+            exc.device = device  # so the log line names it
+            self._report_error(protocol, device, exc.code, now)
 
 
 def refusal_headers(exc: IngestError) -> dict[str, str]:

@@ -8,11 +8,14 @@ import hashlib
 import json
 import re
 import time
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from ingestd.errors import BadJson, BadStreamName
+from ingestd.errors import BadJson, BadStreamName, Forbidden, IngestError
+from ingestd.protocols.base import DeviceProtocol, Route, StoredAs
 from ingestd.records import Record
+from ingestd.settings import RouteAccess, check_positive
 
 try:
     import orjson
@@ -173,3 +176,77 @@ def _check_slowly(body: bytes, max_depth: int) -> None:
         raise BadJson("body is not a JSON document") from exc
     if body.count(b"[") + body.count(b"{") > max_depth and nesting_depth(body) > max_depth:
         raise BadJson(f"JSON nested deeper than {max_depth} levels")
+
+
+# -- as one of ingestd's protocols (ingestd.protocols.registry) ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JsonConfig(RouteAccess):
+    """The `[json]` section."""
+
+    # Any POST to a path that is not another protocol's is a JSON document.
+    enabled: bool = True
+    allowed_streams: tuple[str, ...] = ()  # empty: every stream
+    max_depth: int = 64
+
+
+def _validate(section: JsonConfig) -> None:
+    check_positive("json.max_depth", section.max_depth)
+
+
+class JsonRoute(Route):
+    """Every path no other protocol takes (while enabled); the path names
+    the stream, so it is checked, and rate limited, before the body."""
+
+    __slots__ = ("_allowed_streams", "_enabled", "_max_depth")
+    path_names_device = True
+
+    def __init__(self, section: JsonConfig) -> None:
+        self._enabled = section.enabled
+        self._allowed_streams = frozenset(section.allowed_streams) or None
+        self._max_depth = section.max_depth
+
+    def matches(self, path: str) -> bool:
+        return self._enabled
+
+    def device_from_path(self, path: str) -> str:
+        stream = stream_name(path)
+        if self._allowed_streams is not None and stream not in self._allowed_streams:
+            raise Forbidden("stream not allowed")
+        return stream
+
+    def parse(
+        self,
+        body: bytes,
+        content_type: str,
+        path: str,
+        remote: str,
+        idempotency_key: str | None,
+        now: float,
+    ) -> Record:
+        return parse(
+            body,
+            path=path,
+            remote=remote,
+            received_at=now,
+            idempotency_key=idempotency_key,
+            max_depth=self._max_depth,
+        )
+
+    def refused_device(self, exc: IngestError, path: str) -> str | None:
+        return stream_name(path)  # a name the post's checks let through
+
+
+JSON = DeviceProtocol(
+    name=PROTOCOL,
+    ext="jsonl",
+    device_id=re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}"),  # as stream_name gives it
+    stored_as=StoredAs.JSON_LINES,
+    content_type="application/x-ndjson",
+    id_description="a stream name",
+    section=JsonConfig,
+    route=JsonRoute,
+    catch_all=True,
+    validate=_validate,
+)

@@ -1,31 +1,49 @@
-"""Each device protocol's stored form, in one place: the storage, the
-fleet view, the device pages and housekeeping read it here rather than
-naming protocols themselves.
+"""The device protocols ingestd serves, in one place.
 
-A protocol's data lives under `<data_dir>/<name>/<device id>/`, in files
-`<period>[_<seq>].<ext>[.gz]`; `device_id` is the pattern a device folder's
-name must match (no id that matches can name a path outside its folder),
-and `has_header` says whether each file starts with a header line (CSV).
+Everything else (the ingest service and the running config, the config
+loader, the file sink and its housekeeping, the reader, the fleet view and
+device pages, the metrics, the JetStream codec and export) loops over this
+table and reads each protocol's `DeviceProtocol` (`base.py`) rather than
+naming protocols. Adding one: write its module (a `DeviceProtocol` with its
+config section, route and parser) and list it here.
+
+The table is fixed once the daemon runs: the running config compiles each
+protocol's route at load, and no request reads this module. `register` is
+for a protocol defined outside the package, such as a test's.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from typing import Any
+
+from ingestd.protocols.base import NAME, RESERVED_NAMES, DeviceProtocol
+from ingestd.protocols.jsonpost import JSON
+from ingestd.protocols.wattmon import WATTMON
+
+# By name, in the order the fleet view and /metrics list them.
+PROTOCOLS: dict[str, DeviceProtocol[Any]] = {p.name: p for p in (WATTMON, JSON)}
 
 
-@dataclass(frozen=True, slots=True)
-class StoredForm:
-    name: str  # the folder under the data dir; the metrics' and ?protocol= label
-    ext: str  # of its data files
-    device_id: re.Pattern[str]
-    has_header: bool
+def register(protocol: DeviceProtocol[Any]) -> None:
+    """Add a protocol (before the app starts); ValueError for a name taken."""
+    if not NAME.fullmatch(protocol.name) or protocol.name in RESERVED_NAMES:
+        raise ValueError(f"protocol name {protocol.name!r}: a-z, 0-9, _, not a section's")
+    if protocol.name in PROTOCOLS:
+        raise ValueError(f"protocol {protocol.name!r} is registered already")
+    PROTOCOLS[protocol.name] = protocol
 
 
-WATTMON = StoredForm("wattmon", "csv", re.compile(r"[0-9a-f]{12}"), has_header=True)
-JSON = StoredForm(
-    "json", "jsonl", re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9._\-]{0,127}"), has_header=False
-)
+def unregister(name: str) -> None:
+    del PROTOCOLS[name]
 
-# By name, in the order the fleet view lists them.
-PROTOCOLS: dict[str, StoredForm] = {form.name: form for form in (WATTMON, JSON)}
+
+def match_order() -> list[DeviceProtocol[Any]]:
+    """The order a post's path is matched in: catch-alls (JSON) last."""
+    return sorted(PROTOCOLS.values(), key=lambda protocol: protocol.catch_all)
+
+
+def valid_id(protocol: str, device_id: str) -> bool:
+    """A device id the sink could have written: no id that passes can name
+    a path outside its folder."""
+    found = PROTOCOLS.get(protocol)
+    return found is not None and found.valid_id(device_id)

@@ -6,10 +6,13 @@ answer other than `OK` must mean "nothing of this block was stored".
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import hashlib
 import hmac
 import re
+from dataclasses import dataclass
 
 from ingestd.errors import (
     BadDeviceKey,
@@ -20,8 +23,18 @@ from ingestd.errors import (
     Md5Mismatch,
     MissingMd5,
 )
+from ingestd.protocols.base import DeviceProtocol, Route, StoredAs
 from ingestd.protocols.forms import parse_form
 from ingestd.records import Quarantined, Record
+from ingestd.settings import (
+    RESERVED_PATHS,
+    RESERVED_PREFIXES,
+    ConfigError,
+    RouteAccess,
+    check_positive,
+    is_reserved,
+    read_setting_file,
+)
 
 PROTOCOL = "wattmon"
 FIELDS = frozenset({"key", "md5sum", "data"})
@@ -218,3 +231,110 @@ def _csv_rows(lines: list[bytes]) -> tuple[list[bytes], list[int]]:
     except csv.Error as exc:
         raise MalformedBlock(f"not CSV: {exc}") from exc
     return rows, widths
+
+
+# -- as one of ingestd's protocols (ingestd.protocols.registry) ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WattmonConfig(RouteAccess):
+    """The `[wattmon]` section."""
+
+    # /export-script.php lets a fleet pointed at the PHP sample move by
+    # changing only the host.
+    paths: tuple[str, ...] = ("/wattmon", "/export-script.php")
+    require_md5: bool = False
+    allowed_macs: tuple[str, ...] = ()  # any spelling; empty: every device
+    allowed_macs_file: str = ""  # one MAC a line, `#` comments; re-read on SIGHUP
+    max_rows: int = 100_000
+    max_columns: int = 1_000
+
+
+def _validate(section: WattmonConfig) -> None:
+    for mac in section.allowed_macs:
+        try:
+            normalise_mac(mac.encode())
+        except BadDeviceKey:
+            raise ConfigError(f"wattmon.allowed_macs: {mac!r} is not a MAC address") from None
+    check_positive("wattmon.max_rows", section.max_rows)
+    check_positive("wattmon.max_columns", section.max_columns)
+    for path in section.paths:
+        if not path.startswith("/") or is_reserved(path):
+            raise ConfigError(
+                f"wattmon.paths: {path!r} must start with / and not be one of "
+                f"{RESERVED_PATHS} nor under {' or '.join(RESERVED_PREFIXES)}"
+            )
+
+
+def _read_files(section: WattmonConfig) -> WattmonConfig:
+    """`allowed_macs_file` folded into `allowed_macs`."""
+    if not section.allowed_macs_file:
+        return section
+    text = read_setting_file("wattmon.allowed_macs_file", section.allowed_macs_file)
+    listed = [line.split("#")[0].strip() for line in text.splitlines()]
+    macs = section.allowed_macs + tuple(mac for mac in listed if mac)
+    return dataclasses.replace(section, allowed_macs=macs)
+
+
+def _mac_named(text: str) -> str | None:
+    with contextlib.suppress(BadDeviceKey):
+        return normalise_mac(text.encode("utf-8", "replace"))
+    return None
+
+
+class WattmonRoute(Route):
+    """Posts to the configured paths; the device is the form's `key`."""
+
+    __slots__ = ("_allowed_macs", "_max_columns", "_max_rows", "_paths", "_require_md5")
+
+    def __init__(self, section: WattmonConfig) -> None:
+        # `/wattmon/` too: a device URL typed with a slash must not become a stream.
+        self._paths = frozenset(section.paths) | {path + "/" for path in section.paths}
+        self._require_md5 = section.require_md5
+        self._max_rows = section.max_rows
+        self._max_columns = section.max_columns
+        macs = frozenset(normalise_mac(mac.encode()) for mac in section.allowed_macs)
+        self._allowed_macs = macs or None
+
+    def matches(self, path: str) -> bool:
+        return path in self._paths
+
+    def parse(
+        self,
+        body: bytes,
+        content_type: str,
+        path: str,
+        remote: str,
+        idempotency_key: str | None,
+        now: float,
+    ) -> Record | Quarantined | None:
+        return parse(
+            body,
+            content_type,
+            received_at=now,
+            require_md5=self._require_md5,
+            max_rows=self._max_rows,
+            max_columns=self._max_columns,
+            allowed_macs=self._allowed_macs,
+        )
+
+    def refused_device(self, exc: IngestError, path: str) -> str | None:
+        mac = exc.device  # set once the form's key was a MAC
+        allowed = self._allowed_macs
+        return mac if mac is not None and (allowed is None or mac in allowed) else None
+
+
+WATTMON = DeviceProtocol(
+    name=PROTOCOL,
+    ext="csv",
+    device_id=re.compile(r"[0-9a-f]{12}"),  # as normalise_mac gives it
+    stored_as=StoredAs.CSV,
+    content_type="text/csv; charset=utf-8",
+    id_description="a MAC",
+    section=WattmonConfig,
+    route=WattmonRoute,
+    validate=_validate,
+    read_files=_read_files,
+    normalise_id=_mac_named,
+    quarantines=True,
+)

@@ -45,10 +45,11 @@ class QuarantinedBlock:
     mtime: float
 
 
-def folder(data_dir: Path | str, device_id: str) -> Path:
-    if not valid_id(PROTOCOL, device_id):
-        raise ValueError("not a MAC")
-    return Path(data_dir) / "quarantine" / PROTOCOL / device_id
+def folder(data_dir: Path | str, device_id: str, protocol: str = PROTOCOL) -> Path:
+    """`quarantine/<protocol>/<device id>/` (Wattmon's unless told)."""
+    if not valid_id(protocol, device_id):
+        raise ValueError("not a device id")
+    return Path(data_dir) / "quarantine" / protocol / device_id
 
 
 def block_path(data_dir: Path | str, device_id: str, name: str) -> Path:
@@ -58,9 +59,11 @@ def block_path(data_dir: Path | str, device_id: str, name: str) -> Path:
     return folder(data_dir, device_id) / f"{name}.csv"
 
 
-def list_blocks(data_dir: Path | str, device_id: str, limit: int = 100) -> list[QuarantinedBlock]:
+def list_blocks(
+    data_dir: Path | str, device_id: str, limit: int = 100, protocol: str = PROTOCOL
+) -> list[QuarantinedBlock]:
     """A device's quarantined blocks not yet replayed, newest first (blocking)."""
-    where = folder(data_dir, device_id)
+    where = folder(data_dir, device_id, protocol)
     try:
         entries = [e for e in os.scandir(where) if e.name.endswith(".csv")]
     except (FileNotFoundError, NotADirectoryError):

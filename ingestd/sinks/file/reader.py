@@ -1,9 +1,12 @@
 """Read one device's stored records back, in order, read-only (blocking).
 
 Follows the file sink's documented layout (README, "Storage layout"):
-`<data_dir>/<protocol>/<device id>/<period>[_<seq>].<csv|jsonl>[.gz]`, names
-sorting in time order. A Wattmon file starts with its one header line; a
-JSON Lines file holds one `{"received_at": ..., ...}` line per post.
+`<data_dir>/<protocol>/<device id>/<period>[_<seq>].<ext>[.gz]`, names
+sorting in time order. How a protocol's lines read is its `stored_as`
+(ingestd.protocols.base): a CSV file (Wattmon) starts with its one header
+line and each row's first column is its time; a JSON Lines file holds one
+`{"received_at": ..., ...}` line per post; plain text lines are timed by
+their file's period.
 
 Everything here blocks (it opens files): callers run it in a thread. Rows
 are yielded as they are read, so no history is ever held whole.
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ingestd.protocols.base import StoredAs
 from ingestd.protocols.registry import PROTOCOLS
+from ingestd.protocols.registry import valid_id as valid_id
 from ingestd.sinks.file.rotation import parse_file_name
 
 READ_BYTES = 1024 * 1024
@@ -40,13 +45,6 @@ LATE_ROWS_SECS = 86400.0
 
 class UnknownDevice(LookupError):
     """No folder for this device under the data directory."""
-
-
-def valid_id(protocol: str, device_id: str) -> bool:
-    """A device id the sink could have written (the same patterns as the
-    start-up scan's): no id that passes can name a path outside its folder."""
-    form = PROTOCOLS.get(protocol)
-    return form is not None and form.device_id.fullmatch(device_id) is not None
 
 
 def device_folder(data_dir: Path | str, protocol: str, device_id: str) -> Path:
@@ -181,7 +179,7 @@ def _split(fh: BinaryIO | gzip.GzipFile, size: int | None) -> Iterator[bytes]:
 
 
 def first_line(folder: Path, stored: StoredFile) -> bytes | None:
-    """A file's first whole line (a Wattmon file's header)."""
+    """A file's first whole line (a CSV file's header)."""
     return next(read_lines(folder, stored), None)
 
 
@@ -216,11 +214,11 @@ def last_line(folder: Path, stored: StoredFile) -> bytes | None:
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    """One row (Wattmon, with its file's header) or one stored JSON line."""
+    """One row (CSV, with its file's header), stored JSON line or text line."""
 
-    header: bytes  # the Wattmon file's header line; b"" for JSON
+    header: bytes  # the CSV file's header line; b"" for the others
     line: bytes
-    time: float | None  # the row's own time, or a JSON line's received_at
+    time: float | None  # a CSV row's own time, a JSON line's received_at
     file: StoredFile
 
 
@@ -236,15 +234,16 @@ def records(
     in [start, end) by its own time when it has one, else by its file's
     period (overlapping the range)."""
     folder = device_folder(data_dir, protocol, device_id)
-    wattmon = protocol == "wattmon"
+    form = PROTOCOLS[protocol]
+    time_of = TIME_OF[form.stored_as]
     for stored in files:
         file_in_range = (start is None or stored.end > start) and (
             end is None or stored.start < end
         )
         lines = read_lines(folder, stored)
-        header = next(lines, b"") if wattmon else b""
+        header = next(lines, b"") if form.has_header else b""
         for line in lines:
-            ts = row_time(line) if wattmon else received_at(line)
+            ts = time_of(line)
             if ts is None:
                 if not file_in_range:
                     continue
@@ -294,7 +293,7 @@ def parse_time(text: bytes) -> float | None:
 
 
 def row_time(line: bytes) -> float | None:
-    """A Wattmon row's first column as a time, if it is one."""
+    """A CSV row's first column as a time, if it is one."""
     comma = line.find(b",")
     return parse_time((line if comma < 0 else line[:comma]).strip())
 
@@ -311,3 +310,19 @@ def received_at(line: bytes) -> float | None:
             close = line.find(b'"', len(prefix))
             return parse_time(line[len(prefix) : close]) if close > 0 else None
     return None
+
+
+def no_time(line: bytes) -> float | None:
+    """A text line carries no time of its own."""
+    return None
+
+
+# A stored line's own time, by the shape of its protocol's lines.
+TIME_OF = {StoredAs.CSV: row_time, StoredAs.JSON_LINES: received_at, StoredAs.TEXT: no_time}
+
+
+def late_secs(protocol: str) -> float:
+    """How long after a file's period its records may be timed before it:
+    a CSV row carries the device's time (a backlog sent late), the others
+    the time they were received."""
+    return LATE_ROWS_SECS if PROTOCOLS[protocol].stored_as is StoredAs.CSV else 0.0

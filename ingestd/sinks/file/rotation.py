@@ -20,10 +20,12 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from ingestd.protocols.registry import PROTOCOLS
+
 Period = Literal["day", "hour"]
 
 _NAME = re.compile(
-    r"(?P<period>\d{4}-\d{2}-\d{2}(?:T\d{2})?)(?:_(?P<seq>\d{4,}))?\.(?P<ext>csv|jsonl)"
+    r"(?P<period>\d{4}-\d{2}-\d{2}(?:T\d{2})?)(?:_(?P<seq>\d{4,}))?\.(?P<ext>[a-z0-9]{1,16})"
 )
 
 
@@ -64,11 +66,15 @@ class FileName:
 
 
 def parse_file_name(name: str) -> FileName | None:
-    """A name this policy made (not compressed), or None for anything else."""
+    """A name this policy made (not compressed), or None for anything else:
+    the extension is a registered protocol's."""
     match = _NAME.fullmatch(name)
     if not match:
         return None
-    return FileName(match["period"], int(match["seq"] or 0), match["ext"])
+    ext = match["ext"]
+    if not any(protocol.ext == ext for protocol in PROTOCOLS.values()):
+        return None
+    return FileName(match["period"], int(match["seq"] or 0), ext)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,18 @@
 """How a record travels as a JetStream message, both ways: the sink frames
 it (`message`), export and the `both` route read it back (`record_from`).
 
-Subjects: `<prefix>.wattmon.<mac>`, `<prefix>.json.<stream>` (every `.` of a
-stream name becomes `_`, since `.` separates subject tokens; the exact name is
-in the `Ingestd-Device` header) and `<prefix>.quarantine.wattmon.<mac>` for
-blocks that passed MD5 but are not CSV.
+Subjects: `<prefix>.<protocol>.<device>`: `<prefix>.wattmon.<mac>`,
+`<prefix>.json.<stream>` (every `.` of a device id becomes `_`, since `.`
+separates subject tokens; the exact id is in the `Ingestd-Device` header),
+and `<prefix>.quarantine.wattmon.<mac>` for blocks that passed MD5 but are
+not CSV. Any registered protocol (ingestd.protocols.registry) travels so.
 
 Body: exactly the bytes the file sink appends: the CSV rows of a Wattmon block
 (its header line is in `Ingestd-Csv-Header`), or the JSON Lines line of a JSON
-document (`{"received_at":...,"remote":...,"path":...,"body":<document>}`), or
-the raw block of a quarantined one. So a consumer can rebuild the files byte
-for byte (`python -m ingestd.tools.export`).
+document (`{"received_at":...,"remote":...,"path":...,"body":<document>}`,
+its remote and path in headers too), or the raw block of a quarantined one.
+So a consumer can rebuild the files byte for byte
+(`python -m ingestd.tools.export`).
 
 `Nats-Msg-Id` is `<protocol>:<device>:<key>`, the key being the block's MD5, the
 hash of a JSON post's Idempotency-Key, or else a hash of the stored JSON line
@@ -29,9 +31,9 @@ import time
 from collections.abc import Mapping
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
-from ingestd.errors import BadDeviceKey, BadStreamName, IngestError
-from ingestd.protocols.jsonpost import stream_name
-from ingestd.protocols.wattmon import normalise_mac
+from ingestd.errors import IngestError
+from ingestd.protocols.base import StoredAs
+from ingestd.protocols.registry import PROTOCOLS, valid_id
 from ingestd.records import Outcome, Quarantined, Record
 
 Item = Record | Quarantined
@@ -130,7 +132,7 @@ def message(item: Item, prefix: str) -> tuple[str, dict[str, str], bytes]:
     headers["Nats-Msg-Id"] = f"{item.protocol}:{item.device_id}:{key}"
     if item.header:
         headers[CSV_HEADER] = escape_header(item.header.rstrip(b"\n"))
-    if item.protocol == "json":
+    if PROTOCOLS[item.protocol].stored_as is StoredAs.JSON_LINES:
         meta = json_line_meta(item.payload)
         if meta is not None:
             headers[REMOTE] = escape_header(meta[0].encode("utf-8", "replace"))
@@ -148,16 +150,9 @@ def record_from(headers: Mapping[str, str] | None, body: bytes) -> Item:
     headers = headers or {}
     protocol = headers.get(PROTOCOL)
     device = headers.get(DEVICE, "")
-    if protocol not in ("wattmon", "json"):
+    if protocol not in PROTOCOLS:
         raise ValueError(f"no {PROTOCOL} header")
-    try:
-        if protocol == "wattmon":
-            valid = normalise_mac(device.encode()) == device
-        else:
-            valid = stream_name("/" + device) == device
-    except (BadDeviceKey, BadStreamName):
-        valid = False
-    if not valid:  # it becomes a folder name: never trust it unchecked
+    if not valid_id(protocol, device):  # it becomes a folder name: never trust it unchecked
         raise ValueError("bad device id")
     received = headers.get(RECEIVED_AT, "")
     when = datetime.datetime.fromisoformat(received.replace("Z", "+00:00"))
