@@ -231,10 +231,12 @@ def _address(address: object) -> str:
 def worker_count(configured: int, cores: int) -> int:
     """`server.workers`, with 0 (the default) resolved for this machine.
 
-    One process on up to two cores: storage runs in the main process, so
-    worker processes add a hand-off per post and pay off only where there
-    are cores to spare for HTTP (on two cores, two workers measured 0.7-0.9x
-    the posts/s of one process). One per core above that.
+    One process on up to two cores: each worker stores its own shard, but
+    half the posts then cross to another worker, and on two cores shared
+    with the load (or anything else on the box) two workers measured
+    0.8-1.3x the posts/s of one process, no steady gain for that hand-off
+    (docs/performance.md). One per core above that, where the shards'
+    spread outweighs it.
     """
     if configured:
         return configured
