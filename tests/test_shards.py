@@ -493,6 +493,32 @@ async def test_a_worker_killed_under_load_loses_and_duplicates_nothing(
     await asyncio.to_thread(check_store, data_dir, devices, complete=True)
 
 
+async def test_healthz_is_503_while_a_killed_workers_shard_is_down(
+    tmp_path: Path, start: Start
+) -> None:
+    """Until its replacement says hello, the killed worker's devices cannot
+    be stored: the health check says so, then recovers by itself."""
+    daemon = await start(tmp_path / "data", workers=2)
+    seen: list[int] = []
+    async with new_connections() as session:
+
+        async def health() -> int:
+            async with session.get(f"{daemon.url}/healthz") as resp:
+                await resp.read()
+                return resp.status
+
+        assert await health() == 200
+        os.kill(daemon.workers()[0], signal.SIGKILL)
+        for _ in range(200):  # the restart waits 1 s, then the worker starts
+            seen.append(await health())
+            if 503 in seen and seen[-1] == 200:
+                break
+            await asyncio.sleep(0.05)
+    assert 503 in seen, seen
+    assert seen[-1] == 200, seen
+    assert await daemon.stop() == 0, daemon.log()
+
+
 # -- 3. the worker count changes across restarts -----------------------------------------
 
 

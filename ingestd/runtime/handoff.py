@@ -38,7 +38,8 @@ _OUTCOMES = (Outcome.STORED, Outcome.DUPLICATE, Outcome.QUARANTINED)
 _OUTCOME_INDEX = {outcome: i for i, outcome in enumerate(_OUTCOMES)}
 _REFUSED = 255
 MAX_FRAME_BYTES = 1 << 30
-# A worker restarted by the main process is back within about two seconds.
+# How long posts wait for an owner that is not listening (a worker being
+# restarted: 1 s, then its start-up and the replay of its log).
 CONNECT_PATIENCE_SECS = 5.0
 CONNECT_RETRY_SECS = 0.1
 
@@ -174,7 +175,12 @@ class _OwnerSide(_Framed):
 
     def frame_received(self, frame: bytes) -> None:
         request_id, item = decode_request(frame)
-        self._accept(item).add_done_callback(
+        try:
+            future = self._accept(item)
+        except Exception as exc:  # noqa: BLE001 (a bug costs this post, not the others)
+            self.send(encode_answer(request_id, exc))
+            return
+        future.add_done_callback(
             lambda future: self.send(encode_answer(request_id, _result(future)))
         )
 
@@ -239,11 +245,11 @@ class Owner:
         self._next_id = 0
 
     def hand_over(self, item: Item) -> asyncio.Future[Outcome]:
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._next_id = request_id = (self._next_id + 1) & 0xFFFFFFFF
+        frame = encode_request(request_id, item)  # first: a frame that fails leaves nothing
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        frame = encode_request(request_id, item)
-        if self._protocol is not None:
+        if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.send(frame)
         else:
             self._waiting.append(frame)
@@ -255,7 +261,8 @@ class Owner:
         protocol = await self._dial()
         waiting, self._waiting = self._waiting, []
         self._connecting = None
-        if protocol is None:
+        if protocol is None or protocol.transport is None:
+            # Not reached, or lost already (an owner dying as it starts).
             self._fail_pending()
             return
         self._protocol = protocol
@@ -290,6 +297,8 @@ class Owner:
                 future.set_exception(StorageFailed("storage shard unavailable; retry later"))
 
     def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
 

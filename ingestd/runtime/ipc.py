@@ -34,7 +34,10 @@ from ingestd.records import Record
 _LENGTH = struct.Struct(">I")
 CONTROL_SOCKET = "control.sock"
 MAIN_SOCKET = "main.sock"
-MAX_PENDING = 1_000_000  # results or errors held for one report, at most
+# Items held for one report, at most: a report goes twice a second, so only
+# a main process that stopped reading lets it fill (the fleet view's counts
+# then fall short; storage is not affected).
+MAX_PENDING = 200_000
 
 
 async def send_message(writer: asyncio.StreamWriter, message: object) -> None:
@@ -57,6 +60,7 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
 class ShardSnapshot:
     """A shard's storage as its worker saw it when reporting."""
 
+    pid: int  # the worker's: a restarted shard's counters start again
     depth: int
     stalled_secs: float  # with records waiting, since the last batch stored; else 0
     stats: PipelineStats

@@ -73,23 +73,35 @@ class ShardStates:
         self._retired = PipelineStats()
         self.retired_jetstream = JetStreamTotals()
         self._stopping = False
+        self._down: set[int] = set()  # shards whose worker exited, until a new one is up
+        self._exited: set[int] = set()  # pids
 
     def on_hello(self, shard: int) -> None:
-        """A (new) worker for `shard`: its counters start from zero."""
-        old = self._latest.pop(shard, None)
-        if old is not None:
-            retired = self._retired
-            for name in _COUNTERS:
-                setattr(retired, name, getattr(retired, name) + getattr(old.stats, name))
-            if old.jetstream is not None:
-                totals = self.retired_jetstream
-                totals.published += old.jetstream[2]
-                totals.duplicates += old.jetstream[3]
-                totals.failures += old.jetstream[4]
-                totals.disconnects += old.jetstream[5]
+        """A (new) worker for `shard` serves: its counters start from zero."""
+        self._down.discard(shard)
         self._heard[shard] = time.monotonic()
 
+    def on_exit(self, shard: int, pid: int) -> None:
+        """`shard`'s worker `pid` exited: the shard is down until a new one
+        says hello, and its counters so far are kept."""
+        self._down.add(shard)
+        self._exited.add(pid)
+        old = self._latest.pop(shard, None)
+        if old is None or old.pid != pid:
+            return
+        retired = self._retired
+        for name in _COUNTERS:
+            setattr(retired, name, getattr(retired, name) + getattr(old.stats, name))
+        if old.jetstream is not None:
+            totals = self.retired_jetstream
+            totals.published += old.jetstream[2]
+            totals.duplicates += old.jetstream[3]
+            totals.failures += old.jetstream[4]
+            totals.disconnects += old.jetstream[5]
+
     def update(self, shard: int, snapshot: ShardSnapshot) -> None:
+        if snapshot.pid in self._exited:
+            return  # read after its worker's exit: counted in the retired totals
         self._latest[shard] = snapshot
         self._heard[shard] = time.monotonic()
 
@@ -112,7 +124,7 @@ class ShardStates:
         for snapshot in self._latest.values():
             for name in _COUNTERS:
                 setattr(total, name, getattr(total, name) + getattr(snapshot.stats, name))
-        total.storage_ok = all(s.stats.storage_ok for s in self._latest.values())
+        total.storage_ok = not self._down and all(s.stats.storage_ok for s in self._latest.values())
         return total
 
     def making_progress(self, within_secs: float) -> bool:

@@ -27,6 +27,7 @@ log = logging.getLogger("ingestd.supervisor")
 
 READY_TIMEOUT_SECS = 30.0
 RESTART_DELAY_SECS = 1.0
+MAX_RESTART_DELAY_SECS = 30.0
 
 
 class WorkerError(Exception):
@@ -62,6 +63,8 @@ class WorkerPool:
         self._fds: list[int] = []
         self._sockets: list[socket.socket] = []
         self._stopping = False
+        self._spawn_lock = asyncio.Lock()
+        self._restarting: set[int] = set()
 
     async def start(self, sockets: list[socket.socket]) -> None:
         self._sockets = sockets
@@ -101,22 +104,36 @@ class WorkerPool:
         watcher.add_done_callback(self._watchers.discard)
 
     async def _watch(self, worker_id: int, proc: asyncio.subprocess.Process) -> None:
-        """Start a worker again if it dies while we are serving."""
+        """Start a worker again if it dies while we are serving; until it is
+        back, its shard counts as down (/healthz)."""
         code = await proc.wait()
+        self._app[SHARDS].on_exit(worker_id, proc.pid)
         if self._stopping:
             return
         log.error("worker_exited worker=%d code=%s: restarting", worker_id, code)
-        await asyncio.sleep(RESTART_DELAY_SECS)
-        if not self._stopping:
-            await self._spawn(worker_id)
-            await self._ready[worker_id].wait()
-            log.info("worker_restarted worker=%d", worker_id)
+        delay = RESTART_DELAY_SECS
+        while True:
+            await asyncio.sleep(delay)
+            # Under the lock, so a stop cannot miss a worker started meanwhile.
+            async with self._spawn_lock:
+                if self._stopping:
+                    return
+                try:
+                    self._restarting.add(worker_id)
+                    await self._spawn(worker_id)
+                    return
+                except OSError as exc:  # out of processes or descriptors: try again
+                    log.error("worker_start_failed worker=%d error=%s", worker_id, exc)
+            delay = min(delay * 2, MAX_RESTART_DELAY_SECS)
 
     def _on_hello(self, worker_id: int) -> None:
         self._app[SHARDS].on_hello(worker_id)
         event = self._ready.get(worker_id)
         if event is not None:
             event.set()
+        if worker_id in self._restarting:
+            self._restarting.discard(worker_id)
+            log.info("worker_restarted worker=%d", worker_id)
         log.debug("worker_ready worker=%d", worker_id)
 
     def _on_report(self, report: Report) -> None:
@@ -160,6 +177,8 @@ class WorkerPool:
         may hand over a post of another's shard."""
         self._stopping = True
         self._app[SHARDS].stop()
+        async with self._spawn_lock:  # a restart under way finishes first
+            pass
         self._drained = {worker_id: asyncio.Event() for worker_id in self._procs}
         self.signal(signal.SIGTERM)
         for sock in self._sockets:

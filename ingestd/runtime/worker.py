@@ -124,12 +124,13 @@ def make_worker_app(
                 reports.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reports
+                owners.close()  # first: a peer's server may wait for this connection
                 await handoff.close()
-                owners.close()
 
     async def send_report(storage: Storage) -> None:
         pipeline, sink, jetstream = storage.pipeline, storage.sink, storage.jetstream
         snapshot = ShardSnapshot(
+            pid=os.getpid(),
             depth=pipeline.depth,
             stalled_secs=pipeline.stalled_secs(),
             stats=dataclasses.replace(pipeline.stats),
@@ -214,7 +215,7 @@ async def proxy_to_main(request: web.Request) -> web.StreamResponse:
         if response is not None:
             raise  # cut mid-answer: the client sees the connection close
         return web.Response(
-            status=503, text="ERROR: storage process unavailable", headers={hdrs.RETRY_AFTER: "5"}
+            status=503, text="ERROR: main process unavailable", headers={hdrs.RETRY_AFTER: "5"}
         )
 
 

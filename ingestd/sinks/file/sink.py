@@ -61,7 +61,7 @@ class FileSink:
     """The files of a data dir (`shard` None), or of one storage shard.
 
     A shard is a worker process's part of the devices (see
-    ingestd/runtime/shards.py): its own log pair, under a data dir whose lock
+    ingestd/ingest/shards.py): its own log pair, under a data dir whose lock
     the main process holds and whose logs it replayed before the workers
     started; the shard replays its own only, after its worker died.
     """
@@ -202,7 +202,9 @@ class FileSink:
         await self._run(self._probe_blocking)
 
     def _probe_blocking(self) -> None:
-        path = self.data_dir / ".ingestd-probe"
+        # One per shard: the shards probe at once when the disk fills.
+        suffix = "" if self.shard is None else f".s{self.shard}"
+        path = self.data_dir / f".ingestd-probe{suffix}"
         try:
             write_durably(path, bytes(PROBE_BYTES))
         finally:
