@@ -8,7 +8,8 @@ same bodies as bench/run.py (distinct Wattmon blocks from 1,000 devices,
 keep-alive): start ingestd on an empty data dir, warm it up, then measure
 posts/s and each process's CPU time (utime + stime from /proc, threads
 included) over the measured run. Server and wrk share both cores, as a
-2-core collector box with its load generator would (`--cores`). Prints a
+2-core collector box with its load generator would (`--cores`); with
+`--delay-ms`, at a paced load below the peak. Prints a
 Markdown table of every run, the medians' ratios the issue asks for, and an
 Amdahl estimate for more cores from the median split (an estimate, not a
 measurement).
@@ -149,7 +150,16 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--cores", default="0-1", help="server and wrk, both")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0,
+        help="each connection waits this long before each post (bench/replay.lua's DELAY_MS):"
+        " a paced load below the peak, where CPU per post is the work's, not the contention's",
+    )
     args = parser.parse_args()
+    if args.delay_ms:
+        os.environ["DELAY_MS"] = f"{args.delay_ms:g}"
     runs: dict[int, list[Split]] = {1: [], 2: []}
     for _ in range(args.runs):
         for workers in (1, 2):
