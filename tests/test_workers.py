@@ -215,3 +215,8 @@ async def test_a_devices_rate_limit_holds_across_workers(tmp_path):
     assert [status for status, _ in answers] == [200, 200] + [429] * 6, answers
     assert all(text.startswith("ERROR") for _, text in answers[2:])
     assert len(stored_rows(tmp_path / "data", 0)) == 2
+    # Refused by the shard that stores the device, logged by the worker the
+    # device talked to: the line names the device either way.
+    refusals = [line for line in daemon.lines if "rejected status=429" in line]
+    assert len(refusals) == 6, daemon.lines
+    assert all(f"device={mac(0)}" in line for line in refusals), refusals

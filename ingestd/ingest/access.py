@@ -126,7 +126,9 @@ class RateLimiter:
         tokens = min(self._burst, tokens + (now - at) * self._rate)
         if tokens < 1.0:
             self._buckets[device] = (tokens, now)
-            raise RateLimited(max(1, math.ceil((1.0 - tokens) / self._rate)))
+            refused = RateLimited(max(1, math.ceil((1.0 - tokens) / self._rate)))
+            refused.device = device  # checked already: a MAC or a stream name
+            raise refused
         self._buckets[device] = (tokens - 1.0, now)
         if len(self._buckets) > self._sweep_at:
             self._forget_full(now)

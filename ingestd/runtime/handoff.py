@@ -212,18 +212,24 @@ class HandoffServer:
             await self._server.wait_closed()
 
 
+# A request handed over and not yet answered: its future, and its device
+# (a refusal names it in the log line of the worker the device talks to).
+Pending = dict[int, tuple["asyncio.Future[Outcome]", str]]
+
+
 class _PeerSide(_Framed):
-    def __init__(self, pending: dict[int, asyncio.Future[Outcome]], lost: Callable[[], None]):
+    def __init__(self, pending: Pending, lost: Callable[[], None]):
         super().__init__()
         self._pending = pending
         self._lost = lost
 
     def frame_received(self, frame: bytes) -> None:
         request_id, result = decode_answer(frame)
-        future = self._pending.pop(request_id, None)
+        future, device = self._pending.pop(request_id, (None, ""))
         if future is None or future.done():
             return
         if isinstance(result, IngestError):
+            result.device = device
             future.set_exception(result)
         else:
             future.set_result(result)
@@ -241,14 +247,14 @@ class Owner:
         self._protocol: _PeerSide | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._waiting: list[bytes] = []  # framed while connecting
-        self._pending: dict[int, asyncio.Future[Outcome]] = {}
+        self._pending: Pending = {}
         self._next_id = 0
 
     def hand_over(self, item: Item) -> asyncio.Future[Outcome]:
         self._next_id = request_id = (self._next_id + 1) & 0xFFFFFFFF
         frame = encode_request(request_id, item)  # first: a frame that fails leaves nothing
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._pending[request_id] = (future, item.device_id)
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.send(frame)
         else:
@@ -292,9 +298,11 @@ class Owner:
     def _fail_pending(self) -> None:
         """The owner is gone (it died, or is restarting): the devices resend."""
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        for future, device in pending.values():
             if not future.done():
-                future.set_exception(StorageFailed("storage shard unavailable; retry later"))
+                exc = StorageFailed("storage shard unavailable; retry later")
+                exc.device = device
+                future.set_exception(exc)
 
     def close(self) -> None:
         if self._connecting is not None:
