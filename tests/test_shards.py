@@ -507,15 +507,30 @@ async def test_healthz_is_503_while_a_killed_workers_shard_is_down(
                 await resp.read()
                 return resp.status
 
+        async def shards_down() -> int:
+            async with session.get(f"{daemon.url}/metrics") as resp:
+                text = await resp.text()
+            return len(re.findall(r"^ingestd_shard_up\{shard=\"\d\"\} 0\.0$", text, re.M))
+
         assert await health() == 200
+        assert await shards_down() == 0
         os.kill(daemon.workers()[0], signal.SIGKILL)
+        down: list[int] = []
         for _ in range(200):  # the restart waits 1 s, then the worker starts
             seen.append(await health())
+            down.append(await shards_down())
             if 503 in seen and seen[-1] == 200:
                 break
             await asyncio.sleep(0.05)
     assert 503 in seen, seen
+    assert 1 in down, down  # the killed worker's shard, while it was down
     assert seen[-1] == 200, seen
+    async with new_connections() as session, session.get(f"{daemon.url}/metrics") as resp:
+        metrics = await resp.text()
+    # Which shard was down shows per shard; both serve again.
+    assert "ingestd_worker_exits_total 1.0" in metrics, metrics
+    assert 'ingestd_shard_up{shard="0"} 1.0' in metrics, metrics
+    assert 'ingestd_shard_up{shard="1"} 1.0' in metrics, metrics
     assert await daemon.stop() == 0, daemon.log()
 
 

@@ -43,7 +43,7 @@ from ingestd.ingest.metrics import Metrics
 from ingestd.ingest.pipeline import COMMIT_INTERVAL_SECS, Listener, Pipeline
 from ingestd.protocols.registry import PROTOCOLS
 from ingestd.runtime.logs import Throttle, setup_logging
-from ingestd.runtime.shard_states import ShardsJetStream, ShardStates
+from ingestd.runtime.shard_states import ShardCollector, ShardsJetStream, ShardStates
 from ingestd.sinks.file.housekeeping import Retention, sweep
 from ingestd.sinks.file.sink import FileSink
 
@@ -204,6 +204,7 @@ async def shards_ctx(app: web.Application, *, shards: int) -> AsyncIterator[None
     if any(route != "file" for route in sink_routes(config).values()):
         jetstream = app[JETSTREAM] = ShardsJetStream(states)
     app[METRICS].watch(states, app[DEVICES], lambda: states.open_devices, jetstream)
+    app[METRICS].registry.register(ShardCollector(states))
     try:
         yield
     finally:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.metrics import Metrics
@@ -74,6 +78,7 @@ class ShardStates:
         self.retired_jetstream = JetStreamTotals()
         self._stopping = False
         self._down: set[int] = set()  # shards whose worker exited, until a new one is up
+        self.exits = 0  # workers that exited while serving (each is restarted)
         self._exited: set[int] = set()  # pids
 
     def on_hello(self, shard: int) -> None:
@@ -84,6 +89,8 @@ class ShardStates:
     def on_exit(self, shard: int, pid: int) -> None:
         """`shard`'s worker `pid` exited: the shard is down until a new one
         says hello, and its counters so far are kept."""
+        if not self._stopping:
+            self.exits += 1
         self._down.add(shard)
         self._exited.add(pid)
         old = self._latest.pop(shard, None)
@@ -147,6 +154,14 @@ class ShardStates:
     def open_devices(self) -> int:
         return sum(snapshot.open_devices for snapshot in self._latest.values())
 
+    def shard_up(self, shard: int, within_secs: float) -> bool:
+        """Its worker is serving and reported within `within_secs`."""
+        return shard not in self._down and time.monotonic() - self._heard[shard] < within_secs
+
+    def shard_depth(self, shard: int) -> int:
+        snapshot = self._latest.get(shard)
+        return snapshot.depth if snapshot is not None else 0
+
     def jetstream_states(self) -> list[tuple[bool, bool, int, int, int, int]]:
         return [s.jetstream for s in self._latest.values() if s.jetstream is not None]
 
@@ -171,3 +186,36 @@ def apply_report(
     for what, seconds in report.storage_timings:
         metrics.observe_storage(what, seconds)
     states.update(report.worker, report.state)
+
+
+# A shard whose worker has not reported for this long counts as down in
+# /metrics (it reports twice a second).
+SHARD_SILENT_SECS = 5.0
+
+
+class ShardCollector(Collector):
+    """Per shard in /metrics: which one is stuck or down, not only that one is."""
+
+    def __init__(self, states: ShardStates) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        states = self._states
+        up = GaugeMetricFamily(
+            "ingestd_shard_up",
+            "1 while the shard's worker serves and reports",
+            labels=["shard"],
+        )
+        depth = GaugeMetricFamily(
+            "ingestd_shard_queue_depth", "Records waiting for the shard's writer", labels=["shard"]
+        )
+        for shard in range(states.shards):
+            up.add_metric([str(shard)], 1 if states.shard_up(shard, SHARD_SILENT_SECS) else 0)
+            depth.add_metric([str(shard)], states.shard_depth(shard))
+        yield up
+        yield depth
+        yield CounterMetricFamily(
+            "ingestd_worker_exits",
+            "Worker processes that exited (restarted while serving)",
+            value=states.exits,
+        )
