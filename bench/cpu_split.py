@@ -80,7 +80,7 @@ def measure(workers: int, args: argparse.Namespace) -> Split:
         [
             "taskset",
             "-c",
-            args.cores,
+            args.server_cores or args.cores,
             sys.executable,
             "-m",
             "ingestd",
@@ -97,13 +97,14 @@ def measure(workers: int, args: argparse.Namespace) -> Split:
     try:
         wait_listening(port)
         time.sleep(1)  # the workers say hello after the port answers
-        wrk(port, "wattmon", False, args.warmup, args.connections, args.cores, WARM_BODIES)
+        wrk_cores = args.wrk_cores or args.cores
+        wrk(port, "wattmon", False, args.warmup, args.connections, wrk_cores, WARM_BODIES)
         pids = [proc.pid, *children(proc.pid)]
         if workers > 1:
             assert len(pids) == workers + 1, f"expected {workers} workers, found {pids[1:]}"
         before = {pid: cpu_seconds(pid) for pid in pids}
         ticks_before = machine_ticks()
-        result = wrk(port, "wattmon", False, args.seconds, args.connections, args.cores)
+        result = wrk(port, "wattmon", False, args.seconds, args.connections, wrk_cores)
         used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
         ticks_after = machine_ticks()
     finally:
@@ -149,6 +150,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=5)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--cores", default="0-1", help="server and wrk, both")
+    parser.add_argument(
+        "--server-cores",
+        default=None,
+        help="the server's alone (e.g. 0, with --wrk-cores 1): the same CPU for both modes,"
+        " so the split shows the design's cost without the load generator's contention",
+    )
+    parser.add_argument("--wrk-cores", default=None)
     parser.add_argument("--data-root", default=None)
     parser.add_argument(
         "--delay-ms",
