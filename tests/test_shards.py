@@ -20,7 +20,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import FORM, wattmon_form
+from conftest import FORM, small_tmpfs, wattmon_form
 from daemon import DaemonProcess, write_config
 
 DEVICES = 40
@@ -603,20 +602,8 @@ async def test_sighup_rate_limit_holds_per_device_across_workers(
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 16 MiB tmpfs that the test fills up (needs root to mount)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
-    try:
+    with small_tmpfs(tmp_path, "16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill_up(path: Path) -> None:
