@@ -40,7 +40,7 @@ from ingestd.http.keys import (
 from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.live import InFlight, LiveConfig
 from ingestd.ingest.metrics import Metrics
-from ingestd.ingest.pipeline import COMMIT_INTERVAL_SECS, Listener, Pipeline
+from ingestd.ingest.pipeline import Listener, Pipeline
 from ingestd.protocols.registry import PROTOCOLS
 from ingestd.runtime.logs import Throttle, setup_logging
 from ingestd.runtime.shard_states import ShardCollector, ShardsJetStream, ShardStates
@@ -116,7 +116,6 @@ async def open_storage(
     listener: Listener,
     observe_batch: Callable[[int, float], None],
     observe_storage: Callable[[str, float], None],
-    commit_interval_secs: float = COMMIT_INTERVAL_SECS,
 ) -> AsyncIterator[Storage]:
     """Open the sink (one process's, or a worker's `shard`), start the
     writer; on the way out, store what is queued, then close."""
@@ -149,7 +148,6 @@ async def open_storage(
         batch_max_records=config.storage.batch_max_records,
         listener=listener,
         observe_batch=observe_batch,
-        commit_interval_secs=commit_interval_secs,
     )
     pipeline.start()
     try:

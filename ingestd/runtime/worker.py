@@ -55,7 +55,6 @@ from ingestd.http.keys import (
 )
 from ingestd.ingest.live import InFlight, LiveConfig
 from ingestd.ingest.metrics import Metrics
-from ingestd.ingest.pipeline import COMMIT_INTERVAL_SECS
 from ingestd.ingest.shards import ShardRouter
 from ingestd.runtime.handoff import HandoffServer, Owners, socket_path
 from ingestd.runtime.ipc import CONTROL_SOCKET, MAIN_SOCKET, MainLink, Reporter, ShardSnapshot
@@ -103,10 +102,6 @@ def make_worker_app(
             listener=reporter.on_result,
             observe_batch=reporter.observe_batch,
             observe_storage=reporter.observe_storage,
-            # As many log syncs a second as one process makes, not N times
-            # as many: a sync costs the kernel the same CPU for 2 records
-            # as for 50, and the workers share the cores.
-            commit_interval_secs=COMMIT_INTERVAL_SECS * shards,
         ) as storage:
             app[SINK] = storage.sink
             owners = Owners(runtime, shards, shard)
