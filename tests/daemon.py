@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -11,6 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LISTENING = re.compile(rb"listening address=(\S+):(\d+)")
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (its workers), from /proc; none once it is gone."""
+    found = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found += [int(child) for child in fh.read().split()]
+    return found
 
 
 class DaemonProcess:

@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import FORM, small_tmpfs, wattmon_form
-from daemon import DaemonProcess, write_config
+from daemon import DaemonProcess, children, write_config
 
 DEVICES = 40
 HEADER = "Time,Device,Seq,Row,Value"
@@ -270,15 +270,6 @@ def data_files(data_dir: Path) -> dict[str, bytes]:
 
 
 # -- processes ------------------------------------------------------------------------
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as fh:
-                found += [int(child) for child in fh.read().split()]
-    return found
 
 
 def descendants(pid: int) -> list[int]:

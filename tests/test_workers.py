@@ -11,15 +11,7 @@ from pathlib import Path
 
 import aiohttp
 from conftest import FORM, make_config, wattmon_form
-from daemon import DaemonProcess, write_config
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fh:
-            found += [int(child) for child in fh.read().split()]
-    return found
+from daemon import DaemonProcess, children, write_config
 
 
 def block(device: int, seq: int) -> str:

@@ -4,6 +4,7 @@ process's summary of every shard's (ingestd.runtime.shard_states)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from ingestd.ingest.pipeline import PipelineStats
@@ -24,11 +25,15 @@ class StorageState(Protocol):
     def set_enqueue_timeout(self, secs: float) -> None: ...
 
 
-class JetStreamCounts(Protocol):
-    published: int
-    duplicates: int
-    failures: int
-    disconnects: int
+@dataclass(slots=True)
+class JetStreamStats:
+    """A JetStream sink's counters (here, not beside the sink, so the main
+    process of worker mode sums its shards' without importing nats)."""
+
+    published: int = 0
+    duplicates: int = 0
+    failures: int = 0
+    disconnects: int = 0
 
 
 class JetStreamState(Protocol):
@@ -39,4 +44,4 @@ class JetStreamState(Protocol):
     def connected(self) -> bool: ...
 
     @property
-    def stats(self) -> JetStreamCounts: ...
+    def stats(self) -> JetStreamStats: ...

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -15,6 +14,7 @@ from prometheus_client.registry import Collector
 from ingestd.ingest.devices import DeviceRegistry
 from ingestd.ingest.metrics import Metrics
 from ingestd.ingest.pipeline import PipelineStats
+from ingestd.ingest.state import JetStreamStats
 from ingestd.runtime.ipc import Report, ShardSnapshot
 
 _COUNTERS = (
@@ -26,14 +26,6 @@ _COUNTERS = (
     "quarantined",
     "storage_errors",
 )
-
-
-@dataclass(slots=True)
-class JetStreamTotals:
-    published: int = 0
-    duplicates: int = 0
-    failures: int = 0
-    disconnects: int = 0
 
 
 class ShardsJetStream:
@@ -54,7 +46,7 @@ class ShardsJetStream:
         return len(reported) == self._states.shards and all(state[1] for state in reported)
 
     @property
-    def stats(self) -> JetStreamTotals:
+    def stats(self) -> JetStreamStats:
         totals = dataclasses.replace(self._states.retired_jetstream)
         for state in self._states.jetstream_states():
             totals.published += state[2]
@@ -75,7 +67,7 @@ class ShardStates:
         self._latest: dict[int, ShardSnapshot] = {}
         # Counters of workers that were replaced: the totals never go back.
         self._retired = PipelineStats()
-        self.retired_jetstream = JetStreamTotals()
+        self.retired_jetstream = JetStreamStats()
         self._stopping = False
         self._down: set[int] = set()  # shards whose worker exited, until a new one is up
         self.exits = 0  # workers that exited while serving (each is restarted)

@@ -18,7 +18,6 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -30,6 +29,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from ingestd.config import JetStreamConfig
 from ingestd.errors import BlockTooLarge, Unavailable
+from ingestd.ingest.state import JetStreamStats
 from ingestd.records import Outcome, Quarantined
 from ingestd.sinks.jetstream.codec import Item, Result, message, record_from, wire_size
 
@@ -64,14 +64,6 @@ async def connect_options(config: JetStreamConfig) -> dict[str, Any]:
         # Reads the CA file: off the loop.
         options["tls"] = await asyncio.to_thread(ssl.create_default_context, cafile=config.tls_ca)
     return options
-
-
-@dataclass(slots=True)
-class JetStreamStats:
-    published: int = 0
-    duplicates: int = 0
-    failures: int = 0
-    disconnects: int = 0
 
 
 class JetStreamSink:
