@@ -18,9 +18,8 @@ from conftest import FORM, make_config, wattmon_form
 from ingestd.cli import main as cli_main
 from ingestd.config import Config, validate
 from ingestd.http.downsample import min_max
-from ingestd.sinks.file import reader
+from ingestd.sinks.file import quarantine, reader
 from ingestd.sinks.file.housekeeping import compress_file
-from ingestd.tools import quarantine
 
 T0 = 1_795_248_000.0  # the FakeClock's start: 2026-11-21T08:00:00Z
 DAY = 86400.0
@@ -438,7 +437,7 @@ async def test_quarantine_list_and_replay(client, tmp_path, capsys):
     code = await asyncio.to_thread(cli_main, args)
     assert code == 1 and "still not a valid block" in capsys.readouterr().err
 
-    block = quarantine.block_path(data_dir, MAC, md5)
+    block = quarantine.block_path(data_dir, MAC, md5, "wattmon")
     await asyncio.to_thread(block.write_text, "Time,V\n" + bad)  # fixed by hand
     code = await asyncio.to_thread(cli_main, args)
     out, err = capsys.readouterr()

@@ -42,9 +42,8 @@ from ingestd.http.record_formats import CONTENT_TYPES, FORMATS, as_csv, as_json,
 from ingestd.ingest.devices import DeviceStats
 from ingestd.protocols.base import DeviceProtocol
 from ingestd.protocols.registry import PROTOCOLS
-from ingestd.sinks.file import reader
+from ingestd.sinks.file import quarantine, reader
 from ingestd.sinks.file.reader import StoredFile, UnknownDevice
-from ingestd.tools import quarantine
 
 log = logging.getLogger("ingestd.device_view")
 
@@ -211,7 +210,7 @@ def describe_files(
         blocks = [
             {**asdict(block), "modified": fleet.timestamp(block.mtime)}
             for block in quarantine.list_blocks(
-                data_dir, device_id, MAX_LISTED_QUARANTINE, protocol
+                data_dir, device_id, protocol, MAX_LISTED_QUARANTINE
             )
         ]
     described = {

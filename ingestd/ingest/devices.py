@@ -23,6 +23,7 @@ from pathlib import Path
 from ingestd.errors import IngestError
 from ingestd.protocols.registry import PROTOCOLS
 from ingestd.records import Outcome, Quarantined, Record
+from ingestd.sinks.file import quarantine
 from ingestd.sinks.file.device import FIRST_SEEN_NAME, read_first_seen
 from ingestd.sinks.file.rotation import FileName, parse_file_name
 
@@ -246,8 +247,8 @@ def scan_data_dir(data_dir: Path, stop: threading.Event | None = None) -> list[S
     found: list[ScannedDevice] = []
     for protocol, form in PROTOCOLS.items():
         pattern, ext = form.device_id, form.ext
-        quarantine = os.path.join(data_dir, "quarantine", protocol)
-        quarantined = _quarantine_counts(quarantine, pattern, stop) if form.quarantines else {}
+        kept = str(quarantine.protocol_folder(data_dir, protocol))
+        quarantined = _quarantine_counts(kept, pattern, stop) if form.quarantines else {}
         seen: set[str] = set()
         for device_id, folder in _subdirs(os.path.join(data_dir, protocol), pattern):
             if stop is not None and stop.is_set():
@@ -264,7 +265,7 @@ def scan_data_dir(data_dir: Path, stop: threading.Event | None = None) -> list[S
                 if device_id in seen:
                     continue
                 try:
-                    mtime = os.stat(os.path.join(quarantine, device_id)).st_mtime
+                    mtime = os.stat(os.path.join(kept, device_id)).st_mtime
                 except OSError:
                     continue
                 found.append(ScannedDevice(protocol, device_id, mtime, mtime, None, count))
@@ -345,7 +346,7 @@ def _quarantine_counts(
             names = os.listdir(folder)
         except OSError:
             continue
-        count = sum(1 for name in names if name.endswith(".csv"))
+        count = quarantine.count_blocks(names)
         if count:
             counts[device_id] = count
     return counts

@@ -1,11 +1,10 @@
 """Quarantined Wattmon blocks: list them, and post one again once fixed.
 
 The file sink keeps a block that passed MD5 but is not valid CSV verbatim
-as `quarantine/wattmon/<mac>/<md5>.csv`, with `<md5>.json` saying why
-(docs/operations.md, "Replaying a quarantined block"). Listing reads those files
-(blocking: run it in a thread). `replay` posts a block as its device would;
-once the collector answers `OK`, the block is renamed `<md5>.csv.replayed`,
-so it is no longer listed or counted.
+(the layout: ingestd.sinks.file.quarantine; docs/operations.md, "Replaying
+a quarantined block"). `list` prints them; `replay` posts a block as its
+device would, and once the collector answers `OK` marks it replayed, so it
+is no longer listed or counted.
 """
 
 from __future__ import annotations
@@ -14,96 +13,19 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ingestd.errors import IngestError
 from ingestd.protocols import wattmon
+from ingestd.protocols.registry import valid_id
 from ingestd.records import Quarantined
-from ingestd.sinks.file.reader import valid_id
+from ingestd.sinks.file.quarantine import block_path, list_blocks, mark_replayed, protocol_folder
 
 PROTOCOL = "wattmon"
-REPLAYED = ".replayed"
-# `<md5>`, or `<received_at>` with 6 decimals for a block sent without one.
-_BLOCK_NAME = re.compile(r"[0-9a-f]{32}|\d{1,12}\.\d{6}", re.ASCII)
-MAX_REASON_CHARS = 500
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantinedBlock:
-    device_id: str
-    name: str  # the block's MD5 (its file is `<name>.csv`)
-    received_at: str | None
-    reason: str | None
-    bytes: int
-    mtime: float
-
-
-def folder(data_dir: Path | str, device_id: str, protocol: str = PROTOCOL) -> Path:
-    """`quarantine/<protocol>/<device id>/` (Wattmon's unless told)."""
-    if not valid_id(protocol, device_id):
-        raise ValueError("not a device id")
-    return Path(data_dir) / "quarantine" / protocol / device_id
-
-
-def block_path(data_dir: Path | str, device_id: str, name: str) -> Path:
-    """The block's `.csv`; ValueError for a name the sink never makes."""
-    if not _BLOCK_NAME.fullmatch(name):
-        raise ValueError("not a quarantined block's name")
-    return folder(data_dir, device_id) / f"{name}.csv"
-
-
-def list_blocks(
-    data_dir: Path | str, device_id: str, limit: int = 100, protocol: str = PROTOCOL
-) -> list[QuarantinedBlock]:
-    """A device's quarantined blocks not yet replayed, newest first (blocking)."""
-    where = folder(data_dir, device_id, protocol)
-    try:
-        entries = [e for e in os.scandir(where) if e.name.endswith(".csv")]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    found = []
-    for entry in entries:
-        name = entry.name[: -len(".csv")]
-        if not _BLOCK_NAME.fullmatch(name):
-            continue
-        try:
-            stat = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        found.append((stat.st_mtime, name, stat.st_size))
-    found.sort(reverse=True)
-    blocks = []
-    for mtime, name, size in found[:limit]:
-        meta = _meta(where / f"{name}.json")
-        reason = meta.get("reason")
-        received = meta.get("received_at")
-        blocks.append(
-            QuarantinedBlock(
-                device_id,
-                name,
-                received if isinstance(received, str) else None,
-                reason[:MAX_REASON_CHARS] if isinstance(reason, str) else None,
-                size,
-                mtime,
-            )
-        )
-    return blocks
-
-
-def _meta(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            meta = json.loads(fh.read(64 * 1024))
-    except (OSError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def form_body(device_id: str, data: bytes) -> bytes:
@@ -124,10 +46,6 @@ def check_block(device_id: str, data: bytes, now: float) -> str | None:
     except IngestError as exc:
         return exc.message
     return parsed.reason if isinstance(parsed, Quarantined) else None
-
-
-def mark_replayed(path: Path) -> None:
-    os.replace(path, path.with_name(path.name + REPLAYED))
 
 
 # -- ingestd quarantine list|replay ------------------------------------------------------
@@ -182,12 +100,12 @@ def _list(data_dir: Path, mac_text: str | None) -> int:
         macs = [mac]
     else:
         try:
-            names = sorted(os.listdir(data_dir / "quarantine" / PROTOCOL))
+            names = sorted(os.listdir(protocol_folder(data_dir, PROTOCOL)))
         except FileNotFoundError:
             names = []
         macs = [name for name in names if valid_id(PROTOCOL, name)]
     for mac in macs:
-        for block in list_blocks(data_dir, mac, limit=sys.maxsize):
+        for block in list_blocks(data_dir, mac, PROTOCOL, limit=sys.maxsize):
             print(
                 f"{mac} {block.name} {block.received_at or '-'} {block.bytes} "
                 f"{json.dumps(block.reason)}"
@@ -202,7 +120,7 @@ def _replay(data_dir: Path, mac_text: str, name: str, url: str, token: str) -> i
     if mac is None:
         return 2
     try:
-        path = block_path(data_dir, mac, name)
+        path = block_path(data_dir, mac, name, PROTOCOL)
         with open(path, "rb") as fh:
             data = fh.read()
     except (ValueError, OSError) as exc:

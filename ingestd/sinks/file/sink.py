@@ -31,6 +31,7 @@ from ingestd.protocols.jsonpost import rfc3339
 from ingestd.protocols.registry import PROTOCOLS
 from ingestd.records import Outcome, Quarantined, Record
 from ingestd.runtime.logs import Throttle
+from ingestd.sinks.file import quarantine
 from ingestd.sinks.file.device import (
     FILE_MODE,
     KEYS_NAME,
@@ -535,9 +536,9 @@ class FileSink:
 
     def _quarantine(self, block: Quarantined) -> Result:
         """Keep a bad block verbatim, named by its MD5, so a resend is a no-op."""
-        folder = self.data_dir / "quarantine" / block.protocol / block.device_id
-        name = block.dedup_key or f"{block.received_at:.6f}"
-        target = folder / f"{name}.csv"
+        folder = quarantine.folder(self.data_dir, block.device_id, block.protocol)
+        name = quarantine.block_name(block)
+        target = folder / f"{name}{quarantine.BLOCK_EXT}"
         if target.exists():
             return Outcome.DUPLICATE
         meta = {
