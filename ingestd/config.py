@@ -43,7 +43,8 @@ MiB = 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     listen: str = "0.0.0.0:8080"
-    # Processes serving the one port (SO_REUSEPORT); 0: one per CPU core.
+    # Worker processes sharing the listening socket(s), each storing a shard
+    # of the devices; 0: one process on up to 2 cores, else one per core.
     workers: int = 0
     max_body_bytes: int = 8 * MiB
     # Seconds a SIGTERM waits for in-flight requests and the queue to drain.
