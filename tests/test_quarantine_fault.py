@@ -45,3 +45,22 @@ def test_failed_quarantine_leaves_the_devices_other_writes_whole(tmp_path):
         (len(HEADER + block(1).payload), block(2).payload),
         (len(expected), block(3).payload),
     ]
+
+
+def test_quarantine_never_builds_a_path_from_an_unchecked_device_id(tmp_path):
+    """A quarantined block whose device id is not one (parsers never make
+    such a block; defence in depth) is refused alone: nothing is written
+    outside the device folders, and the batch's other records are stored."""
+    outside = tmp_path / "outside"
+    data_dir = tmp_path / "data"
+    sink = FileSink(data_dir, StorageConfig())
+    sink._open_blocking()
+    hostile = Quarantined(
+        "wattmon", "../../../outside", 1_795_248_000.5, b"x\n", "bad CSV", "cd" * 16
+    )
+    results = sink._commit_blocking([block(1), hostile])
+    assert results[0] is Outcome.STORED
+    assert isinstance(results[1], StorageFailed)
+    assert not outside.exists()
+    assert not (data_dir / "quarantine").exists()
+    sink._close_blocking()

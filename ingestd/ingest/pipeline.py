@@ -26,7 +26,7 @@ Probe = Callable[[], Awaitable[None]]
 Listener = Callable[[Item, Outcome | IngestError], None]
 PROBE_INTERVAL_SECS = 1.0
 # At most one commit (one log sync) per this interval; see Pipeline._run.
-# Measured (docs/performance.md, 2026-12-04, latest): at 1 ms, posts on new
+# Measured (docs/performance.md, "2026-12-04, evening"): at 1 ms, posts on new
 # connections made batches of 8 and a third less throughput than at 3 ms;
 # keep-alive batches are large anyway. An idle device's post never waits.
 COMMIT_INTERVAL_SECS = 0.003

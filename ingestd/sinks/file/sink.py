@@ -536,7 +536,12 @@ class FileSink:
 
     def _quarantine(self, block: Quarantined) -> Result:
         """Keep a bad block verbatim, named by its MD5, so a resend is a no-op."""
-        folder = quarantine.folder(self.data_dir, block.device_id, block.protocol)
+        try:
+            folder = quarantine.folder(self.data_dir, block.device_id, block.protocol)
+        except ValueError:
+            # Parsers only quarantine checked ids; never build a path from another.
+            log.error("quarantine_bad_device protocol=%s", block.protocol)
+            return StorageFailed("internal error")
         name = quarantine.block_name(block)
         target = folder / f"{name}{quarantine.BLOCK_EXT}"
         if target.exists():
