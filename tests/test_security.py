@@ -21,6 +21,7 @@ from daemon import DaemonProcess, write_config
 from multidict import CIMultiDict
 
 from ingestd.config import Config, JsonConfig, load_config, validate
+from ingestd.errors import RateLimited
 from ingestd.ingest.access import RateLimiter
 
 TOKEN = "tok-9f8e7d6c5b4a"
@@ -401,6 +402,23 @@ async def test_json_rate_limit_per_stream(start_client, tmp_path, clock):
     clock.now += int(refused.headers["Retry-After"])
     assert (await client.post("/mm-1", data=b'{"n":4}')).status == 200
     assert [line["body"]["n"] for line in stream_lines(tmp_path, "mm-1")] == [1, 4]
+
+
+def test_a_peek_at_a_bucket_takes_no_token():
+    """What a worker checks before a body for a stream it owns: refused only
+    when `check` would refuse, and never counted (`check` after the body is)."""
+    limiter = RateLimiter(per_min=1, burst=2)
+    for _ in range(5):
+        limiter.peek("mm-1", 1000.0)
+    limiter.check("mm-1", 1000.0)
+    limiter.check("mm-1", 1000.0)
+    with pytest.raises(RateLimited) as peeked:
+        limiter.peek("mm-1", 1000.0)
+    with pytest.raises(RateLimited) as checked:
+        limiter.check("mm-1", 1000.0)
+    assert peeked.value.retry_after_secs == checked.value.retry_after_secs == 60
+    assert peeked.value.device == "mm-1"
+    limiter.peek("mm-1", 1060.0)  # refilled by one
 
 
 def test_rate_limiter_stays_cheap_with_many_devices():

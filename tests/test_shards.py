@@ -31,6 +31,8 @@ import pytest
 from conftest import FORM, small_tmpfs, wattmon_form
 from daemon import DaemonProcess, children, write_config
 
+from ingestd.ingest.shards import shard_of
+
 DEVICES = 40
 HEADER = "Time,Device,Seq,Row,Value"
 POLL_SECS = 10.0  # how long a lagging view may take to catch up
@@ -585,6 +587,69 @@ async def test_sighup_rate_limit_holds_per_device_across_workers(
     await asyncio.to_thread(check_store, data_dir, devices + limited[8:])
     for device in limited:
         assert len(await asyncio.to_thread(stored_blocks, data_dir, device)) == len(device.acked)
+
+
+async def chunked_post(url: str, path: str, body: bytes, wait_secs: float) -> tuple[int, bool]:
+    """POST `body` chunked on a new connection, the head first: (status,
+    whether the answer came before any of the body was sent)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        try:
+            status_line = await asyncio.wait_for(reader.readline(), wait_secs)
+            before_body = True
+        except TimeoutError:
+            # (An answer may be on its way: then the server may close first.)
+            with contextlib.suppress(ConnectionError):
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+                await writer.drain()
+            status_line = await asyncio.wait_for(reader.readline(), 15)
+            before_body = False
+        return int(status_line.split()[1]), before_body
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_json_stream_limit_holds_across_workers_and_its_owner_checks_before_the_body(
+    tmp_path: Path, start: Start
+) -> None:
+    """A JSON stream's rate limit counts each post once whichever worker
+    takes it, and a worker that stores the stream refuses an over-limit
+    post before its body (the non-owner reads the body and hands it over)."""
+    daemon = await start(
+        tmp_path / "data",
+        workers=2,
+        extra="[json]\nrate_limit_per_min = 1.0\nrate_limit_burst = 2\n",
+    )
+    # Four streams stored by each worker: whichever worker accepts a
+    # connection owns half of them.
+    streams = [s for s in (f"mm-{n}" for n in range(64)) if shard_of("json", s, 2) == 0][:4]
+    streams += [s for s in (f"mm-{n}" for n in range(64)) if shard_of("json", s, 2) == 1][:4]
+
+    async def four_in_a_row(stream: str) -> list[int]:
+        return [
+            (await chunked_post(daemon.url, f"/{stream}", b'{"n": %d}' % n, 0.0))[0]
+            for n in range(4)
+        ]
+
+    sequences = await asyncio.gather(*(four_in_a_row(stream) for stream in streams))
+    assert sequences == [[200, 200, 429, 429]] * len(streams), daemon.log()
+
+    # Every bucket is empty now: each further post is refused, by its
+    # owner before the body, or after it once handed over.
+    answers = await asyncio.gather(
+        *(chunked_post(daemon.url, f"/{s}", b'{"n": 9}', 1.0) for s in streams for _ in range(6))
+    )
+    assert {status for status, _ in answers} == {429}, answers
+    assert any(before for _, before in answers), "no worker refused before the body"
+    assert await daemon.stop() == 0, daemon.log()
 
 
 # -- 5. a full disk in worker mode --------------------------------------------------------------

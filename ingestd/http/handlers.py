@@ -64,11 +64,13 @@ def start_ingest(
     *,
     submit_to: Submitter | None = None,
     limits: bool = True,
+    owns: Callable[[str, str], bool] | None = None,
 ) -> None:
     """The ingest service over the app's state, once its pipeline runs.
 
     In a worker, posts go `submit_to` its router to their shard, and the
-    shard applies the limits (`limits` False)."""
+    shard applies the limits (`limits` False); `owns` tells the worker's
+    own devices, whose limits it can check before a body."""
     app[PIPELINE] = pipeline
     app[INGEST] = IngestService(
         app[CONFIG],
@@ -78,6 +80,7 @@ def start_ingest(
         requests=app[METRICS].requests,
         throttle=app[LOG_THROTTLE],
         limits=limits,
+        owns=owns,
     )
 
 

@@ -133,6 +133,19 @@ class RateLimiter:
         if len(self._buckets) > self._sweep_at:
             self._forget_full(now)
 
+    def peek(self, device: str, now: float) -> None:
+        """Raise RateLimited as `check` would, but take no token: a post
+        refused before its body by the shard that holds the bucket, whose
+        `check` after the body then counts each post once."""
+        if not self.enabled:
+            return
+        tokens, at = self._buckets.get(device, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - at) * self._rate)
+        if tokens < 1.0:
+            refused = RateLimited(max(1, math.ceil((1.0 - tokens) / self._rate)))
+            refused.device = device
+            raise refused
+
     def _forget_full(self, now: float) -> None:
         """Drop buckets that have refilled: they hold no information.
 

@@ -49,6 +49,7 @@ class IngestService:
     __slots__ = (
         "_limits",
         "_live",
+        "_owns",
         "_pipeline",
         "_report_error",
         "_requests",
@@ -66,11 +67,14 @@ class IngestService:
         requests: Counter[tuple[str, str]],
         throttle: Throttle,
         limits: bool = True,
+        owns: Callable[[str, str], bool] | None = None,
     ) -> None:
         self._live = live
         # Rate limits are per device: in a worker process the shard that
-        # stores the device applies them (`admit`), wherever it was posted.
+        # stores the device applies them (`admit`), wherever it was posted;
+        # `owns(protocol, device)` tells this worker's own devices.
         self._limits = limits
+        self._owns = owns
         self._pipeline = pipeline
         self.clock = clock
         self._report_error = report_error
@@ -113,6 +117,10 @@ class IngestService:
             device = route.steps.device_from_path(path)
             if self._limits:
                 route.limiter.check(device, self.clock())
+            elif self._owns is not None and self._owns(protocol, device):
+                # The bucket is here: refuse before the body if it is empty;
+                # the token is taken after the body, by `admit`.
+                route.limiter.peek(device, self.clock())
         return remote
 
     def parse(

@@ -8,7 +8,8 @@ own devices to its pipeline, and hands any other to the owner (over the
 socket of ingestd.runtime.handoff), which answers once it has stored it.
 
 Per-device limits are applied by the owner, where every post of a device
-meets, whichever worker took it.
+meets, whichever worker took it; a post whose path names a device this
+worker owns (a JSON stream) is also checked before its body is read.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class ShardRouter:
         self._local = local
         self._forward = forward
         self._admit = admit  # the per-device limits: raises the refusal
+
+    def owns(self, protocol: str, device_id: str) -> bool:
+        """Whether this shard stores the device (and holds its limits)."""
+        return shard_of(protocol, device_id, self.shards) == self.shard
 
     def try_submit(self, item: Item) -> asyncio.Future[Outcome]:
         """As `Pipeline.try_submit`, but never None: an item of another shard

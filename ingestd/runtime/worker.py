@@ -108,7 +108,7 @@ def make_worker_app(
             router = ShardRouter(
                 shard, shards, storage.pipeline, owners.hand_over, lambda item: ingest.admit(item)
             )
-            start_ingest(app, storage.pipeline, submit_to=router, limits=False)
+            start_ingest(app, storage.pipeline, submit_to=router, limits=False, owns=router.owns)
             ingest = app[INGEST]
             handoff = HandoffServer(router.accept)
             await handoff.start(socket_path(runtime, shard))
