@@ -122,13 +122,10 @@ class RateLimiter:
         """Take a token for `device` or raise RateLimited with the wait."""
         if not self.enabled:
             return
-        tokens, at = self._buckets.get(device, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - at) * self._rate)
+        tokens = self._tokens(device, now)
         if tokens < 1.0:
             self._buckets[device] = (tokens, now)
-            refused = RateLimited(max(1, math.ceil((1.0 - tokens) / self._rate)))
-            refused.device = device  # checked already: a MAC or a stream name
-            raise refused
+            raise self._refusal(device, tokens)
         self._buckets[device] = (tokens - 1.0, now)
         if len(self._buckets) > self._sweep_at:
             self._forget_full(now)
@@ -137,14 +134,18 @@ class RateLimiter:
         """Raise RateLimited as `check` would, but take no token: a post
         refused before its body by the shard that holds the bucket, whose
         `check` after the body then counts each post once."""
-        if not self.enabled:
-            return
+        if self.enabled and (tokens := self._tokens(device, now)) < 1.0:
+            raise self._refusal(device, tokens)
+
+    def _tokens(self, device: str, now: float) -> float:
+        """The device's tokens now, refilled since it last posted."""
         tokens, at = self._buckets.get(device, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - at) * self._rate)
-        if tokens < 1.0:
-            refused = RateLimited(max(1, math.ceil((1.0 - tokens) / self._rate)))
-            refused.device = device
-            raise refused
+        return min(self._burst, tokens + (now - at) * self._rate)
+
+    def _refusal(self, device: str, tokens: float) -> RateLimited:
+        refused = RateLimited(max(1, math.ceil((1.0 - tokens) / self._rate)))
+        refused.device = device  # checked already: a MAC or a stream name
+        return refused
 
     def _forget_full(self, now: float) -> None:
         """Drop buckets that have refilled: they hold no information.
