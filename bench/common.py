@@ -37,24 +37,30 @@ def form(device: int, seq: int) -> bytes:
     return f"key={mac(device)}&md5sum={md5}&data={quote_plus(data)}".encode()
 
 
+def serve_command(
+    config: Path, data_dir: Path, listen: str, daemon: tuple[str, ...] = ("-m", "ingestd")
+) -> list[str]:
+    """`ingestd serve` (or a script that wraps it, as `daemon`) on `listen`."""
+    return [
+        sys.executable,
+        *daemon,
+        "serve",
+        "--config",
+        str(config),
+        "--listen",
+        listen,
+        "--data-dir",
+        str(data_dir),
+    ]
+
+
 def start_ingestd(
     data_dir: Path, config: str = "", cores: str | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
     """ingestd on an ephemeral port; returns the process and the port."""
     config_path = data_dir.parent / "bench-ingestd.toml"
     config_path.write_text(config)
-    command = [
-        sys.executable,
-        "-m",
-        "ingestd",
-        "serve",
-        "--config",
-        str(config_path),
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        str(data_dir),
-    ]
+    command = serve_command(config_path, data_dir, "127.0.0.1:0")
     if cores:
         command = ["taskset", "-c", cores, *command]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE)

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import serve_command
 from run import WARM_BODIES, free_port, wait_listening, wrk
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -81,16 +82,7 @@ def measure(workers: int, args: argparse.Namespace) -> Split:
             "taskset",
             "-c",
             args.server_cores or args.cores,
-            sys.executable,
-            "-m",
-            "ingestd",
-            "serve",
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(run_dir / "data"),
+            *serve_command(config, run_dir / "data", f"127.0.0.1:{port}"),
         ],
         stderr=subprocess.DEVNULL,
     )

@@ -21,11 +21,11 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import serve_command
 from gen_bodies import wattmon_line
 from run import free_port, wait_listening, wrk
 
@@ -73,21 +73,7 @@ def main() -> None:
         )
         port = free_port()
         proc = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "0",
-                sys.executable,
-                "-m",
-                "ingestd",
-                "serve",
-                "--config",
-                str(config),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--data-dir",
-                str(data_dir),
-            ],
+            ["taskset", "-c", "0", *serve_command(config, data_dir, f"127.0.0.1:{port}")],
             stderr=subprocess.DEVNULL,
         )
         try:

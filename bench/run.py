@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import seed_servers
+from common import serve_command
 
 HERE = Path(__file__).resolve().parent
 BODIES = HERE / "results" / "bodies"
@@ -118,18 +119,8 @@ def start_server(
         config = run_dir / "ingestd.toml"
         # workers = 1 is the single-process mode: HTTP and storage in one process.
         config.write_text(f"[server]\nworkers = {workers}\n")
-        daemon = ["-m", "ingestd"] if name != "ceiling" else [str(HERE / "ceiling_server.py")]
-        command = [
-            sys.executable,
-            *daemon,
-            "serve",
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(data_dir),
-        ]
+        daemon = ("-m", "ingestd") if name != "ceiling" else (str(HERE / "ceiling_server.py"),)
+        command = serve_command(config, data_dir, f"127.0.0.1:{port}", daemon)
     # "before" imports ingestd from its own checkout: `-m` looks in the cwd first.
     cwd = before_tree if name == "before" else None
     proc = subprocess.Popen(["taskset", "-c", cores, *command], stderr=subprocess.DEVNULL, cwd=cwd)
