@@ -1,18 +1,25 @@
 """Where a post's CPU goes in worker mode: the serial part (the main
 process) and the spread part (the workers), against one process.
 
-    python3 bench/cpu_split.py [--runs 3] [--seconds 10] [--warmup 5] [--connections 64]
+    python3 bench/cpu_split.py [--runs 3] [--seconds 10] [--warmup 5]
+                               [--connections 64,256,1024] [--new-conn]
 
 For `workers = 1` and `workers = 2`, `--runs` runs each, alternating, on the
 same bodies as bench/run.py (distinct Wattmon blocks from 1,000 devices,
-keep-alive): start ingestd on an empty data dir, warm it up, then measure
-posts/s and each process's CPU time (utime + stime from /proc, threads
-included) over the measured run. Server and wrk share both cores, as a
-2-core collector box with its load generator would (`--cores`); with
-`--delay-ms`, at a paced load below the peak. Prints a
-Markdown table of every run, the medians' ratios the issue asks for, and an
-Amdahl estimate for more cores from the median split (an estimate, not a
-measurement).
+keep-alive, or a new connection per post with `--new-conn`): start ingestd
+on an empty data dir, warm it up, then measure posts/s and each process's
+CPU time (utime + stime from /proc, threads included) over the measured
+run. Server and wrk share both cores, as a 2-core collector box with its
+load generator would (`--cores`); with `--delay-ms`, at a paced load below
+the peak. Each `--connections` count (wrk's closed loop: that many posts in
+flight) gets its own table of every run, the medians' ratios the issue asks
+for, and an Amdahl estimate for more cores from the median split (an
+estimate, not a measurement).
+
+Concurrency matters: a saturated server with real devices (each post a
+cellular round trip of 100s of ms) has many more posts in flight than a
+load generator on the same box needs to saturate it (Little's law: 10,000
+posts/s at 0.2 s each is 2,000 in flight).
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ class Split:
         return self.main_us + self.workers_us
 
 
-def measure(workers: int, args: argparse.Namespace) -> Split:
+def measure(workers: int, connections: int, args: argparse.Namespace) -> Split:
     run_dir = Path(tempfile.mkdtemp(prefix="ingestd-split-", dir=args.data_root))
     (run_dir / "data").mkdir()
     config = run_dir / "ingestd.toml"
@@ -90,13 +97,13 @@ def measure(workers: int, args: argparse.Namespace) -> Split:
         wait_listening(port)
         time.sleep(1)  # the workers say hello after the port answers
         wrk_cores = args.wrk_cores or args.cores
-        wrk(port, "wattmon", False, args.warmup, args.connections, wrk_cores, WARM_BODIES)
+        wrk(port, "wattmon", args.new_conn, args.warmup, connections, wrk_cores, WARM_BODIES)
         pids = [proc.pid, *children(proc.pid)]
         if workers > 1:
             assert len(pids) == workers + 1, f"expected {workers} workers, found {pids[1:]}"
         before = {pid: cpu_seconds(pid) for pid in pids}
         ticks_before = machine_ticks()
-        result = wrk(port, "wattmon", False, args.seconds, args.connections, wrk_cores)
+        result = wrk(port, "wattmon", args.new_conn, args.seconds, connections, wrk_cores)
         used = {pid: cpu_seconds(pid) - before[pid] for pid in pids}
         ticks_after = machine_ticks()
     finally:
@@ -140,7 +147,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=5)
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--connections",
+        default="64",
+        help="posts in flight (wrk connections); several, comma-separated, for a table each",
+    )
+    parser.add_argument("--new-conn", action="store_true", help="a new connection per post")
     parser.add_argument("--cores", default="0-1", help="server and wrk, both")
     parser.add_argument(
         "--server-cores",
@@ -160,10 +172,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.delay_ms:
         os.environ["DELAY_MS"] = f"{args.delay_ms:g}"
-    runs: dict[int, list[Split]] = {1: [], 2: []}
-    for _ in range(args.runs):
-        for workers in (1, 2):
-            runs[workers].append(measure(workers, args))
+    for connections in (int(count) for count in args.connections.split(",")):
+        runs: dict[int, list[Split]] = {1: [], 2: []}
+        for _ in range(args.runs):
+            for workers in (1, 2):
+                runs[workers].append(measure(workers, connections, args))
+        mode = "a new connection per post" if args.new_conn else "keep-alive"
+        print(f"\n### {connections} connections, {mode}\n")
+        report(runs)
+
+
+def report(runs: dict[int, list[Split]]) -> None:
     print(
         "| workers | run | posts/s | main process CPU/post | workers CPU/post"
         " | total CPU/post | stolen by the host |"
