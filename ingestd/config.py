@@ -44,7 +44,7 @@ MiB = 1024 * 1024
 class ServerConfig:
     listen: str = "0.0.0.0:8080"
     # Worker processes sharing the listening socket(s), each storing a shard
-    # of the devices; 0: one process on up to 2 cores, else one per core.
+    # of the devices; 0: one per usable core (a single process on one core).
     workers: int = 0
     max_body_bytes: int = 8 * MiB
     # Seconds a SIGTERM waits for in-flight requests and the queue to drain.

@@ -37,7 +37,7 @@ class Daemon:
         self._workers: WorkerPool | None = None
         self._notifier = Notifier()
         self._stop = asyncio.Event()
-        self._worker_count = worker_count(config.server.workers, os.cpu_count() or 1)
+        self._worker_count = worker_count(config.server.workers, usable_cores())
         shards = self._worker_count if self._worker_count > 1 else None
         self._app = make_app(config, shards=shards)
         self._ssl: ssl.SSLContext | None = None
@@ -228,16 +228,24 @@ def _address(address: object) -> str:
     return str(address)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity (systemd's
+    CPUAffinity=, a container's cpuset, taskset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def worker_count(configured: int, cores: int) -> int:
     """`server.workers`, with 0 (the default) resolved for this machine.
 
-    One process on up to two cores: each worker stores its own shard, but
-    half the posts then cross to another worker, and on two cores shared
-    with the load (or anything else on the box) two workers measured
-    0.8-1.3x the posts/s of one process, no steady gain for that hand-off
-    (docs/performance.md). One per core above that, where the shards'
-    spread outweighs it.
+    One worker per core, a single process on one core. Even on two cores
+    shared with the load generator, two workers measured 1.23-1.49x the
+    posts/s of one process with 256 or 1,024 posts in flight (as a busy
+    fleet on slow links has), 1.04-1.10x with 64 (docs/performance.md,
+    "Worker mode by concurrency").
     """
     if configured:
         return configured
-    return 1 if cores <= 2 else cores
+    return max(1, cores)
