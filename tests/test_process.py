@@ -685,12 +685,14 @@ async def test_serve_exits_1_when_the_port_is_taken(tmp_path: Path) -> None:
 # -- 2. SIGTERM --------------------------------------------------------------------------
 
 
-async def test_sigterm_finishes_a_request_held_mid_upload(tmp_path, start_daemon) -> None:
+# Each mode named: the default (`workers = 0`) would pick one by the machine's cores.
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-process", "2-workers"])
+async def test_sigterm_finishes_a_request_held_mid_upload(tmp_path, start_daemon, workers) -> None:
     """A device half way through its body at SIGTERM still gets `OK`, stored."""
     data_dir = tmp_path / "data"
     config = tmp_path / "ingestd.toml"
     # Short, so the bug costs 3 s, not 25; still ample for one small block.
-    config.write_text("[server]\nshutdown_timeout_secs = 3\n")
+    config.write_text(f"[server]\nworkers = {workers}\nshutdown_timeout_secs = 3\n")
     daemon = await start_daemon(data_dir, config)
     block = Device(1, random.Random(1)).next_block()
     body = block.form.encode()
@@ -779,10 +781,15 @@ async def test_stop_signal_under_load_stores_every_acknowledged_record(
     assert await asyncio.to_thread(data_files, data_dir) == before
 
 
-async def test_second_sigint_exits_at_once_and_a_restart_recovers(tmp_path, start_daemon) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["1-process", "2-workers"])
+async def test_second_sigint_exits_at_once_and_a_restart_recovers(
+    tmp_path, start_daemon, workers
+) -> None:
     """SIGINT twice: exit 1 without draining; the log brings back every acked block."""
     data_dir = tmp_path / "data"
-    daemon = await start_daemon(data_dir)
+    config = tmp_path / "ingestd.toml"
+    config.write_text(f"[server]\nworkers = {workers}\n")
+    daemon = await start_daemon(data_dir, config)
     devices = [Device(i, random.Random(i)) for i in range(5)]
     async with client_session() as session, asyncio.timeout(15):
         for _ in range(3):
@@ -808,7 +815,7 @@ async def test_second_sigint_exits_at_once_and_a_restart_recovers(tmp_path, star
     # Workers may still log a line of their own after the main process left.
     assert any("forced_exit" in line for line in daemon.lines), daemon.log()
 
-    daemon = await start_daemon(data_dir)
+    daemon = await start_daemon(data_dir, config)
     await asyncio.to_thread(check_store, data_dir, devices, [])
     async with client_session() as session:
         await resend_acknowledged(session, daemon.base, devices, [], random.Random(1))
