@@ -12,6 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LISTENING = re.compile(rb"listening address=(\S+):(\d+)")
+# What systemd hands a service it starts: the daemon under test must not
+# think systemd started it, whatever runs the tests.
+SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+def without_systemd(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without systemd's variables, plus `extra`
+    (a test that plays systemd passes them there)."""
+    env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARS}
+    env.update(extra or {})
+    return env
 
 
 def children(pid: int) -> list[int]:
@@ -43,7 +54,7 @@ class DaemonProcess:
         proc = await asyncio.create_subprocess_exec(
             *command,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, **(env or {})},
+            env=without_systemd(env),
             pass_fds=pass_fds,
         )
         daemon = cls(proc)

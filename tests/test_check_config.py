@@ -11,12 +11,12 @@ setting.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from daemon import without_systemd
 
 from ingestd.cli import main
 
@@ -183,7 +183,7 @@ def test_start_up_failure_of_storage_names_the_data_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     data_dir = blocker / "data"
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "LISTEN_FDS")}
+    env = without_systemd()
     done = subprocess.run(
         [
             sys.executable,

@@ -13,7 +13,6 @@ import contextlib
 import gzip
 import hashlib
 import json
-import os
 import random
 import re
 import signal
@@ -26,17 +25,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from daemon import without_systemd
 
 import ingestd
 from ingestd.sinks.file.wal import read_log
 
 DAEMON = (sys.executable, "-m", "ingestd")
-# The daemon must not think systemd started it, whatever runs the tests.
-ENV = {
-    k: v
-    for k, v in os.environ.items()
-    if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-}
+ENV = without_systemd()
 START_TIMEOUT = 15.0
 # Above server.shutdown_timeout_secs (25 s), which bounds a drain.
 STOP_TIMEOUT = 30.0

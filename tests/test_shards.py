@@ -36,8 +36,6 @@ from ingestd.ingest.shards import shard_of
 DEVICES = 40
 HEADER = "Time,Device,Seq,Row,Value"
 POLL_SECS = 10.0  # how long a lagging view may take to catch up
-# The daemon must not think systemd started it, whatever runs the tests.
-NO_SYSTEMD = {"NOTIFY_SOCKET": "", "WATCHDOG_USEC": "", "LISTEN_FDS": "", "LISTEN_PID": ""}
 
 
 # -- the devices ------------------------------------------------------------------
@@ -398,7 +396,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             "127.0.0.1:0",
             "--data-dir",
             str(data_dir),
-            env={**NO_SYSTEMD, **(env or {})},
+            env=env,
         )
         daemon = Daemon(process, config)
         started.append(daemon)
