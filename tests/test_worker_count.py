@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from daemon import DaemonProcess, children
 
 from ingestd.runtime.daemon import usable_cores, worker_count
 
@@ -31,3 +32,34 @@ def test_usable_cores_follow_the_affinity_not_the_machine() -> None:
     )
     assert one.stdout.strip() == "1"
     assert usable_cores() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("cores", ["0", "all"])
+async def test_serve_with_no_config_starts_a_worker_per_usable_core(tmp_path, cores) -> None:
+    """The README's `ingestd serve` on its embedded defaults: one worker
+    process per core it may use (as taskset limits it), a single process
+    on one core."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cpus = "0" if cores == "0" else ",".join(map(str, allowed))
+    expected = len(cpus.split(","))
+    daemon = await DaemonProcess.start(
+        argv=[
+            "taskset",
+            "-c",
+            cpus,
+            sys.executable,
+            "-m",
+            "ingestd",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ]
+    )
+    try:
+        assert f"workers={expected} " in daemon.lines[-1], daemon.lines
+        # Started before the port is announced; taskset execs, so its pid is the daemon's.
+        assert len(children(daemon.proc.pid)) == (expected if expected > 1 else 0)
+    finally:
+        assert await daemon.stop() == 0, daemon.lines
