@@ -14,7 +14,14 @@ from pathlib import Path
 LISTENING = re.compile(rb"listening address=(\S+):(\d+)")
 # What systemd hands a service it starts: the daemon under test must not
 # think systemd started it, whatever runs the tests.
-SYSTEMD_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+SYSTEMD_VARS = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
 
 
 def without_systemd(extra: dict[str, str] | None = None) -> dict[str, str]:
