@@ -4,7 +4,9 @@ SIGHUP reload, TLS with a certificate made here, /metrics."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import re
 import signal
 import socket
 import ssl
@@ -284,3 +286,24 @@ async def test_metrics_count_requests_records_and_state(client):
     ]:
         assert line in text, line
     assert "ingestd_log_sync_seconds_bucket" in text
+
+
+def checkpoint_syncs(text: str) -> float:
+    match = re.search(r"^ingestd_checkpoint_sync_seconds_count (\S+)$", text, re.MULTILINE)
+    assert match, "no ingestd_checkpoint_sync_seconds in /metrics"
+    return float(match[1])
+
+
+async def test_metrics_time_each_checkpoints_sync(start_client):
+    """Each checkpoint's fsyncs are timed in /metrics: how an operator sees
+    whether checkpoints keep up with a large fleet."""
+    client = await start_client(checkpoint_interval_secs=0.05)
+    assert checkpoint_syncs(await (await client.get("/metrics")).text()) == 0
+    async with asyncio.timeout(10):
+        for n in itertools.count():  # each post's commit starts a checkpoint when due
+            block = f"Time,V\n2026-11-21 08:{n // 60 % 60:02d}:{n % 60:02d},{n}\n"
+            form = wattmon_form("001122334455", block)
+            assert (await client.post("/wattmon", data=form, headers=FORM)).status == 200
+            if checkpoint_syncs(await (await client.get("/metrics")).text()) >= 1:
+                break
+            await asyncio.sleep(0.05)

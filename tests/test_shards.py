@@ -893,3 +893,25 @@ async def test_fleet_view_and_metrics_count_every_shard(tmp_path: Path, start: S
     assert not wrong, f"fleet view (seen, expected) for {len(wrong)} devices: {wrong}"
     assert set(fleet_seen) == set(expected), sorted(set(fleet_seen) - set(expected))
     assert metrics_seen == want_metrics
+
+
+async def test_checkpoint_timings_of_the_shards_reach_metrics(tmp_path: Path, start: Start) -> None:
+    """Each worker's checkpoints (its shard's own) are timed in the main
+    process's /metrics, as one process's are."""
+    extra = "[storage]\ncheckpoint_interval_secs = 0.1\n"
+    daemon = await start(tmp_path / "data", workers=2, extra=extra)
+    devices = fleet()
+    syncs = metric(await get_text(f"{daemon.url}/metrics"), "ingestd_checkpoint_sync_seconds_count")
+    assert syncs == 0
+    async with new_connections() as session, asyncio.timeout(POLL_SECS + 10):
+        # A checkpoint starts with a commit once one is due: keep storing.
+        for n in range(int(POLL_SECS / 0.05)):
+            device = devices[n % len(devices)]
+            await send_until_ok(session, daemon.url, device, device.new_block())
+            text = await get_text(f"{daemon.url}/metrics")
+            syncs = metric(text, "ingestd_checkpoint_sync_seconds_count")
+            if syncs:
+                break
+            await asyncio.sleep(0.05)
+    assert await daemon.stop() == 0, daemon.log()
+    assert syncs, "no checkpoint timing reached the main process"

@@ -370,18 +370,21 @@ class DeviceFiles:
             self._fd_name = None
 
 
-def sync_paths(paths: list[str], spread_secs: float = 0.0) -> None:
+def sync_paths(paths: list[str], spread_secs: float = 0.0) -> float:
     """fsync each file or folder by path; one moved or deleted meanwhile is
     skipped (an operator took it). Raises OSError for any other failure.
+    Returns the seconds spent syncing, the pauses left out.
 
     `spread_secs` paces the fsyncs over that time, so the disk keeps serving
     the write-ahead log's syncs in between (a smoothed checkpoint, as
     PostgreSQL's checkpoint_completion_target does).
     """
     pause = spread_secs / len(paths) if paths else 0.0
+    busy = 0.0
     for path in paths:
         if pause:
             time.sleep(pause)
+        started = time.perf_counter()
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -390,6 +393,8 @@ def sync_paths(paths: list[str], spread_secs: float = 0.0) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+            busy += time.perf_counter() - started
+    return busy
 
 
 def make_dirs_durably(path: Path) -> None:

@@ -90,7 +90,8 @@ class FileSink:
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="ingestd-checkpoint")
         self._checkpointing: tuple[int, list[str], Future[None]] | None = None
         self._retry_index: int | None = None
-        # Called from the writer thread with ("log_sync" | "write", seconds).
+        # Called with ("log_sync" | "write", seconds) from the writer thread,
+        # ("checkpoint_sync", seconds) from the checkpoint thread.
         self.observe: Callable[[str, float], None] | None = None
         self._lock = DataDirLock(data_dir)
         # A full disk refuses every post: one log line per refusal would
@@ -428,7 +429,11 @@ class FileSink:
 
     def _sync_now(self, paths: list[str], spread_secs: float = 0.0) -> None:
         if self._sync:
-            sync_paths(paths, spread_secs)
+            busy = sync_paths(paths, spread_secs)
+            # Whether checkpoints keep up: a large fleet's files take long
+            # to sync, and the log grows until they are.
+            if self.observe is not None:
+                self.observe("checkpoint_sync", busy)
 
     def _write_orphan_keys(self) -> list[str]:
         written = []
