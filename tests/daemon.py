@@ -32,6 +32,11 @@ def without_systemd(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def serve_command(*args: str) -> list[str]:
+    """`ingestd serve` with `args`, as this interpreter runs it."""
+    return [sys.executable, "-m", "ingestd", "serve", *args]
+
+
 def children(pid: int) -> list[int]:
     """The processes `pid` started (its workers), from /proc; none once it is gone."""
     found = []
@@ -57,7 +62,7 @@ class DaemonProcess:
         pass_fds: Sequence[int] = (),
         argv: Sequence[str] | None = None,
     ) -> DaemonProcess:
-        command = argv or [sys.executable, "-m", "ingestd", "serve", *args]
+        command = argv or serve_command(*args)
         proc = await asyncio.create_subprocess_exec(
             *command,
             stderr=asyncio.subprocess.PIPE,

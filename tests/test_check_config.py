@@ -12,11 +12,10 @@ setting.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from daemon import without_systemd
+from daemon import serve_command, without_systemd
 
 from ingestd.cli import main
 
@@ -185,16 +184,7 @@ def test_start_up_failure_of_storage_names_the_data_dir(tmp_path: Path) -> None:
     data_dir = blocker / "data"
     env = without_systemd()
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ingestd",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-        ],
+        serve_command("--listen", "127.0.0.1:0", "--data-dir", str(data_dir)),
         capture_output=True,
         text=True,
         timeout=60,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
-from daemon import DaemonProcess, children
+from daemon import DaemonProcess, children, serve_command
 
 from ingestd.runtime.daemon import worker_count
 
@@ -32,14 +31,7 @@ async def test_serve_with_no_config_starts_a_worker_per_usable_core(tmp_path, co
             "taskset",
             "-c",
             cpus,
-            sys.executable,
-            "-m",
-            "ingestd",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp_path / "data"),
+            *serve_command("--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")),
         ]
     )
     try:
