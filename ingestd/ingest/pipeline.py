@@ -65,7 +65,6 @@ class Pipeline:
         batch_max_records: int,
         listener: Listener | None = None,
         observe_batch: Callable[[int, float], None] | None = None,
-        commit_interval_secs: float = COMMIT_INTERVAL_SECS,
     ) -> None:
         self._commit = commit
         self._probe = probe
@@ -77,7 +76,6 @@ class Pipeline:
         self._batch_max = batch_max_records
         self._listener = listener
         self._observe_batch = observe_batch
-        self._commit_interval = commit_interval_secs
         self._closing = False
         self._busy = False
         self._writer: asyncio.Task[None] | None = None
@@ -160,7 +158,7 @@ class Pipeline:
             # hop to the writer thread and back, and the wake-ups around them
             # cost the same CPU whether a batch carries 2 records or 50, and
             # the HTTP side shares that CPU. Idle, the first record goes at once.
-            pause = last_commit + self._commit_interval - loop.time()
+            pause = last_commit + COMMIT_INTERVAL_SECS - loop.time()
             if pause > 0 and entry is not None:
                 await asyncio.sleep(pause)
             last_commit = loop.time()

@@ -243,8 +243,9 @@ def worker_count(configured: int, cores: int) -> int:
     One worker per core, a single process on one core. Even on two cores
     shared with the load generator, two workers measured 1.23-1.49x the
     posts/s of one process with 256 or 1,024 posts in flight (as a busy
-    fleet on slow links has), 1.04-1.10x with 64 (docs/performance.md,
-    "Worker mode by concurrency").
+    fleet on slow links has), and parity within the noise with 64
+    (0.85-1.10x across sets; docs/performance.md, "Worker mode by
+    concurrency").
     """
     if configured:
         return configured
